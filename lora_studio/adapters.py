@@ -1,0 +1,182 @@
+"""Adapter files in PEFT's format, written and read without importing peft.
+
+A folder holds:
+  adapter_config.json        peft's config (sorted keys): peft_type, r, lora_alpha, target_modules, ...
+  adapter_model.safetensors  keys `base_model.model.<module path>.lora_A.weight` etc., metadata {"format": "pt"}
+  lora_studio.json           our own record: method, resolved settings, chat template, EOS
+peft ignores the last file; our loader uses it to rebuild the exact method.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_studio.methods import adapter_layers, get_method, inject_adapters
+from lora_studio.methods.base import Conv1D, is_linear
+
+PEFT_PREFIX = "base_model.model."
+STUDIO_FILE = "lora_studio.json"
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short names (`q_proj`) when peft's suffix matching selects exactly the adapted set, else full paths."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear_paths = set(names) | {
+        n for n, m in model.named_modules() if is_linear(m) and m is not out_emb and not n.endswith(".base")
+    }
+    selected = {p for p in linear_paths if p.rsplit(".", 1)[-1] in short}
+    return short if selected == set(names) else sorted(names)
+
+
+def peft_config(model: nn.Module, settings: dict[str, Any], base_model: str) -> dict[str, Any]:
+    """adapter_config.json for the adapter now in `model`."""
+    layers = adapter_layers(model)
+    method = get_method(settings["method"])
+    config: dict[str, Any] = {
+        "base_model_name_or_path": base_model,
+        "bias": "none",
+        "fan_in_fan_out": any(isinstance(layer.base, Conv1D) for layer in layers.values()),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "modules_to_save": None,
+        "peft_type": method.peft_type,
+        "r": settings["rank"],
+        "revision": None,
+        "target_modules": _target_modules(model, list(layers)),
+        "task_type": "CAUSAL_LM",
+    }
+    if method.peft_type == "LORA":
+        config.update(
+            lora_alpha=settings["alpha"],
+            lora_dropout=settings["dropout"],
+            use_rslora=settings.get("use_rslora", False),
+            use_dora=settings["method"] == "dora",
+        )
+    export_config = getattr(method, "export_config", None)
+    if export_config is not None:
+        config = export_config(model, settings, config)
+    return config
+
+
+def save_adapter(
+    model: nn.Module, out_dir: str | Path, settings: dict[str, Any], base_model: str, extra: dict | None = None
+) -> Path:
+    """Write the adapter now in `model` to `out_dir` in PEFT's format (and our own record)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapter layers to save")
+    method = get_method(settings["method"])
+    tensors: dict[str, torch.Tensor] = {}
+    export_state = getattr(method, "export_state", None)
+    if export_state is not None:
+        tensors.update(export_state(model, settings))
+    else:
+        for name, layer in layers.items():
+            for key, value in layer.peft_state().items():
+                tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    config = peft_config(model, settings, base_model)
+    # Written then renamed, so an interrupted save never leaves a half-written adapter.
+    _atomic_write_bytes(out / "adapter_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    tmp = out / ".adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "adapter_model.safetensors")
+    record = {"method": settings["method"], "settings": settings, "modules": sorted(layers), **(extra or {})}
+    _atomic_write_bytes(out / STUDIO_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    return out
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def read_adapter_record(adapter_dir: str | Path) -> dict[str, Any]:
+    """Our record of an adapter; for a foreign peft adapter, one derived from its config."""
+    folder = Path(adapter_dir)
+    studio = folder / STUDIO_FILE
+    if studio.exists():
+        return json.loads(studio.read_text())
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{folder} holds no adapter_config.json")
+    config = json.loads(cfg_path.read_text())
+    peft_type = config.get("peft_type")
+    if peft_type == "LORA":
+        method = "dora" if config.get("use_dora") else "lora"
+        settings = {
+            "method": method,
+            "rank": config["r"],
+            "alpha": config.get("lora_alpha", config["r"]),
+            "dropout": 0.0,
+            "use_rslora": bool(config.get("use_rslora")),
+        }
+    elif peft_type == "VERA":
+        settings = {"method": "vera", "rank": config["r"], "alpha": 1.0, "dropout": 0.0, "use_rslora": False}
+        settings["projection_prng_key"] = config.get("projection_prng_key", 0)
+    else:
+        raise ValueError(f"{cfg_path}: adapters of peft_type {peft_type!r} are not supported")
+    return {"method": method if peft_type == "LORA" else "vera", "settings": settings}
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
+    """Inject the adapter saved in `adapter_dir` into `model` and load its tensors.
+
+    Every tensor in the file must land in a layer, and every layer must get its tensors:
+    a mismatch is an error here (peft would ignore it silently).
+    """
+    from lora_studio.config import TrainConfig
+
+    folder = Path(adapter_dir)
+    record = read_adapter_record(folder)
+    settings = dict(record["settings"])
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    method = get_method(settings["method"])
+    modules = record.get("modules") or sorted(
+        {k[len(PEFT_PREFIX) :].rsplit(".", 2)[0] for k in tensors if k.startswith(PEFT_PREFIX) and ".lora_" in k}
+    )
+    fields = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**fields)
+    cfg.target = ",".join(modules)
+    with torch.random.fork_rng():  # the init is overwritten; keep the caller's RNG stream
+        inject_adapters(model, method, _ExactTargets(cfg, modules))
+    import_state = getattr(method, "import_state", None)
+    if import_state is not None:
+        import_state(model, tensors, settings)
+        return record
+    layers = adapter_layers(model)
+    used: set[str] = set()
+    for name, layer in layers.items():
+        prefix = f"{PEFT_PREFIX}{name}."
+        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        expected = set(layer.peft_state())
+        if not expected <= set(sub):
+            raise ValueError(f"{folder}: layer {name} lacks {', '.join(sorted(expected - set(sub)))}")
+        layer.load_peft_state(sub)
+        used.update(prefix + k for k in expected)
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{folder}: tensors that match no layer: {', '.join(unused[:5])}")
+    return record
+
+
+class _ExactTargets:
+    """A config view whose `target` is the exact list of module paths (full-path matching)."""
+
+    def __init__(self, cfg: Any, modules: list[str]) -> None:
+        self._cfg = cfg
+        self.target = list(modules)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)

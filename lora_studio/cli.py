@@ -1,0 +1,137 @@
+"""Command line: `python -m lora_studio train|compare ...` (headless, same engine as the UI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lora_studio.config import TrainConfig
+from lora_studio.methods import REGISTRY
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a model on an instruction file")
+    p.add_argument("--config", help="a config.json from an earlier run (flags given override it)")
+    p.add_argument("--data", help="training file (JSONL with instruction/input/output)")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--model", help="bundled, a Hub id, or a local folder (default bundled)")
+    p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-ratio", type=float, dest="lr_ratio", help="eta_B / eta_A (LoRA+)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", type=int, dest="max_steps")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--max-seq-len", type=int, dest="max_seq_len")
+    p.add_argument("--target", help="all-linear or comma-separated module names")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--warmup-ratio", type=float, dest="warmup_ratio")
+    p.add_argument("--weight-decay", type=float, dest="weight_decay")
+    p.add_argument("--system-prompt", dest="system_prompt")
+    p.add_argument("--rslora", action="store_true", default=None, dest="use_rslora")
+    p.add_argument("--quantize", choices=["4bit"])
+    p.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        dest="trust_remote_code",
+        help="run model code from the Hub repo (only for repos you trust)",
+    )
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="answer prompts with the base and the tuned model")
+    p.add_argument("--run", required=True, help="run folder (or adapter folder)")
+    p.add_argument("--prompts", required=True, help="JSONL with a prompt field, or one prompt per line")
+    p.add_argument("--out", required=True, help="JSONL to write: prompt, base, tuned")
+    p.add_argument("--max-new-tokens", type=int, default=128, dest="max_new_tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = TrainConfig.load(args.config).to_dict() if args.config else {}
+    names = set(TrainConfig.__dataclass_fields__) - {"method_options"}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            base[name] = value
+    options = dict(base.get("method_options") or {})
+    options.update(_parse_option(o) for o in args.option)
+    base["method_options"] = options
+    cfg = TrainConfig.from_dict(base)
+    if not cfg.data or not cfg.out:
+        raise SystemExit("train needs --data and --out (or a --config that has them)")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lora_studio.train import train
+
+    cfg = config_from_args(args)
+
+    def progress(row: dict[str, Any]) -> None:
+        print(
+            f"step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+            f"{row['tokens_per_s']:.0f} tok/s  rss {row['rss_mb']:.0f} MiB  eta {row['eta_s']:.0f}s",
+            flush=True,
+        )
+
+    status = train(cfg, on_step=progress)
+    if status.get("state") == "failed":
+        print(f"training failed: {status.get('error')}", file=sys.stderr)
+        return 1
+    print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lora_studio.compare import GenerationSettings, TunedModel, compare, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    tuned = TunedModel(args.run)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as fh:
+        for i, row in enumerate(compare(tuned, prompts, settings), start=1):
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            print(f"[{i}/{len(prompts)}] {row['prompt'][:60]!r}\n  base : {row['base'][:200]!r}\n  tuned: {row['tuned'][:200]!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lora_studio", description="LoRA Studio, headless")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _compare_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "compare":
+            return cmd_compare(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.command}")
+    return 2

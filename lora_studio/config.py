@@ -1,0 +1,135 @@
+"""The one configuration object the UI and the CLI hand to the trainer.
+
+It is saved as `config.json` in every run folder, so `python -m lora_studio train --config
+RUN/config.json` repeats the run. Fields left `None` are filled from the chosen method's
+defaults by `resolved()` (e.g. VeRA trains at a higher rank and learning rate than LoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    """Training data: a local file (JSONL with instruction/input/output, ...)."""
+    out: str = ""
+    """Run folder: config, metrics, status and the adapter are written here."""
+    model: str = "bundled"
+    """`bundled` (SmolLM2-135M-Instruct shipped offline), a Hub id, or a local folder."""
+    method: str = "lora"
+    """A name from `lora_studio.methods.REGISTRY`."""
+    rank: int | None = None
+    """Adapter rank r (method default when unset: 16 for LoRA)."""
+    alpha: float | None = None
+    """Scale numerator: s = alpha / r (alpha / sqrt(r) with rsLoRA). Default: 2 * rank."""
+    dropout: float | None = None
+    """Dropout on the adapter input; 0 keeps no mask and no copy of the input."""
+    lr: float | None = None
+    """Learning rate of the adapter (of A for LoRA+; B gets lr * lr_ratio)."""
+    lr_ratio: float | None = None
+    """Learning-rate ratio eta_B / eta_A (LoRA+); 1 for every other method by default."""
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, whatever `epochs` says."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+    max_seq_len: int = 512
+    """Longer samples are truncated to this many tokens."""
+    target: str = "all-linear"
+    """`all-linear` (every linear layer of the blocks, never the LM head) or comma-separated module names."""
+    seed: int = 0
+    """Seeds adapter init, data order and dropout."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps with a linear learning-rate warmup; then linear decay to 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapter parameters."""
+    max_grad_norm: float | None = 1.0
+    """Clip the adapter gradient norm to this (None: no clipping)."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(r) instead of alpha / r (Kalajdzievski 2023)."""
+    system_prompt: str | None = None
+    """A system message put before every sample (and used by chat/compare)."""
+    trust_remote_code: bool = False
+    """Run model code from the Hub. Off unless the user asks: it executes code from the repo."""
+    merge: bool = False
+    """Also save a merged full model in RUN/merged after training."""
+    quantize: str | None = None
+    """`4bit` stores the base in NF4 (QLoRA). None: full precision."""
+    method_options: dict[str, Any] = field(default_factory=dict)
+    """Options only one method reads (e.g. VeRA's `d_initial`, Delta-LoRA's `start_step`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every unset field filled from the method's defaults, then checked."""
+        from lora_studio.methods import get_method
+
+        method = get_method(self.method)
+        cfg = dataclasses.replace(self, method_options=dict(self.method_options))
+        for name, value in method.defaults.items():
+            if name in {"rank", "alpha", "dropout", "lr", "lr_ratio"}:
+                if getattr(cfg, name) is None:
+                    setattr(cfg, name, value)
+            else:
+                cfg.method_options.setdefault(name, value)
+        if cfg.rank is None:
+            cfg.rank = 16
+        if cfg.alpha is None:
+            cfg.alpha = 2.0 * cfg.rank
+        if cfg.dropout is None:
+            cfg.dropout = 0.0
+        if cfg.lr is None:
+            cfg.lr = 2e-4
+        if cfg.lr_ratio is None:
+            cfg.lr_ratio = 1.0
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Refuse nonsense up front, naming the field and what would work."""
+        problems = []
+        if self.rank is not None and self.rank < 1:
+            problems.append(f"rank must be at least 1 (got {self.rank})")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be positive (got {self.lr})")
+        if self.lr_ratio is not None and not self.lr_ratio > 0:
+            problems.append(f"lr_ratio must be positive (got {self.lr_ratio})")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1 (got {self.batch_size})")
+        if self.max_seq_len < 8:
+            problems.append(f"max_seq_len must be at least 8 (got {self.max_seq_len})")
+        if not self.epochs > 0:
+            problems.append(f"epochs must be positive (got {self.epochs})")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be at least 1 (got {self.max_steps})")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.quantize not in (None, "4bit"):
+            problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))

@@ -1,0 +1,229 @@
+"""What every fine-tuning method shares: the adapter layer base class, injection into a
+model, the `disable_adapter` context manager, merging, parameter counts, and the `Method`
+record that the registry holds.
+
+Methods hook in at one of three places (PEFT's split, plus one):
+  * layer      - a wrapper replaces each targeted linear (LoRA, DoRA, VeRA);
+  * optimizer  - same layers, different parameter groups or gradients (LoRA+, LoRA-FA, LoRA-Pro);
+  * after-step - same layers, plus a rule run after each optimizer step (Delta-LoRA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+try:  # GPT-2 stores its projections as Conv1D, weight (d_in, d_out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+
+def _linear4bit_type() -> tuple[type, ...]:
+    try:
+        import bitsandbytes as bnb  # noqa: F401  (imported lazily: it is slow and optional)
+
+        return (bnb.nn.Linear4bit,)
+    except Exception:  # pragma: no cover - bitsandbytes missing or broken
+        return ()
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
+    """(d_in, d_out, fan_in_fan_out) of a linear-like layer."""
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+        return d_in, d_out, True
+    return module.in_features, module.out_features, False
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight as (d_out, d_in) in a float dtype, dequantized if stored in 4 bit."""
+    weight = module.weight
+    if weight.__class__.__name__ == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.T if isinstance(module, Conv1D) else weight
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a frozen base linear layer; subclasses add their adapter term in `adapt`.
+
+    The wrapped layer stays at `self.base`, so the base model's own parameters keep their
+    names (`...q_proj.base.weight`) and `disabled=True` gives the base output bit for bit.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base)
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.disabled:
+            return y
+        return self.adapt(x, y)
+
+    def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Base output y (..., d_out) plus this method's term for input x (..., d_in)."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight (d_out, d_in) of one plain linear with the same forward."""
+        raise NotImplementedError
+
+    def merged_layer(self) -> nn.Module:
+        """A plain layer of the base's kind (Linear or Conv1D) computing the adapted forward."""
+        weight = self.merged_weight().detach()
+        bias = self.base.bias
+        if isinstance(self.base, Conv1D):
+            layer = Conv1D(self.out_features, self.in_features)
+            layer.weight = nn.Parameter(weight.T.contiguous().to(self.base.weight.dtype), requires_grad=False)
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=bias is not None)
+            dtype = weight.dtype if self.base.weight.dtype == torch.uint8 else self.base.weight.dtype
+            layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer.to(weight.device)
+
+    def peft_state(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's key names, relative to this module (e.g. `lora_A.weight`)."""
+        raise NotImplementedError
+
+    def load_peft_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of the registry: how a method builds its layers, optimizer and after-step rule."""
+
+    name: str
+    """Registry key and CLI/UI value, e.g. `lora-plus`."""
+    title: str
+    """Display name, e.g. `LoRA+`."""
+    summary: str
+    """One line for the UI: what the method trades."""
+    paper: str
+    """Citation with arXiv id."""
+    hook: str
+    """`layer`, `optimizer` or `after-step`."""
+    build_layer: Callable[..., AdapterLayer]
+    """(base_layer, cfg, context) -> adapter layer; `context` is shared by all layers of one model."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Values for unset config fields (rank, alpha, lr, ...) and method options."""
+    peft_type: str = "LORA"
+    """`LORA` or `VERA`: the peft config class the exported adapter maps to."""
+    supports_4bit: bool = True
+    """False where the method must write the base weight (Delta-LoRA)."""
+    why_not_4bit: str = ""
+    """Shown when a 4-bit base is refused."""
+    new_context: Callable[[nn.Module, list[str], Any], dict] = lambda model, names, cfg: {}
+    """Builds what all layers of one model share (VeRA's frozen random matrices)."""
+    build_optimizer: Callable[..., torch.optim.Optimizer] | None = None
+    """(model, cfg) -> optimizer; None means AdamW over the trainable parameters."""
+    after_step: Callable[..., None] | None = None
+    """(model, cfg, step) run after every optimizer step."""
+    init_changes_base: bool = False
+    """True where the adapted model differs from the base at step 0 by design."""
+
+
+def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
+    """Names of the linear layers to adapt.
+
+    `all-linear` takes every linear layer except the output head (and anything tied to the
+    embeddings); otherwise `target` names modules by their last name component
+    (`q_proj,v_proj`) or their full path.
+    """
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear_types = (nn.Linear, Conv1D) + _linear4bit_type()
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, linear_types) and module is not out_emb and name
+    ]
+    if target in ("all-linear", ["all-linear"]):
+        names = candidates
+    else:
+        wanted = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
+        names = [n for n in candidates if any(n == t or n.endswith("." + t) for t in wanted)]
+        if not names:
+            short = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            raise ValueError(
+                f"target {target!r} matches no linear layer of this model; "
+                f"its linear layers are named: {', '.join(short)} (or use all-linear)"
+            )
+    if not names:
+        raise ValueError("this model has no linear layer to adapt")
+    return names
+
+
+def inject_adapters(model: nn.Module, method: Method, cfg: Any) -> list[str]:
+    """Freeze the model and replace each target linear with the method's adapter layer."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = find_targets(model, cfg.target)
+    context = method.new_context(model, names, cfg)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = method.build_layer(base, cfg, context)
+        layer.to(device=_param_device(base))
+        model.set_submodule(name, layer)
+    model.lora_studio_method = method.name  # type: ignore[attr-defined]
+    return names
+
+
+def _param_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: every adapter layer returns its base output untouched."""
+    layers = list(adapter_layers(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, before):
+            layer.disabled = was
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Replace every adapter layer with one plain layer of the same forward (in place)."""
+    for name, layer in list(adapter_layers(model).items()):
+        model.set_submodule(name, layer.merged_layer())
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit weight counts its real element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n = p.quant_state.shape.numel() if p.quant_state is not None else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

