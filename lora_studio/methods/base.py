@@ -11,6 +11,7 @@ Methods hook in at one of three places (PEFT's split, plus one):
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -24,12 +25,10 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 
 def _linear4bit_type() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb  # noqa: F401  (imported lazily: it is slow and optional)
-
-        return (bnb.nn.Linear4bit,)
-    except Exception:  # pragma: no cover - bitsandbytes missing or broken
-        return ()
+    # A model holding 4-bit layers has imported bitsandbytes already; importing it for
+    # every other model would cost seconds and print warnings about missing kernels.
+    bnb = sys.modules.get("bitsandbytes")
+    return (bnb.nn.Linear4bit,) if bnb is not None else ()
 
 
 def is_linear(module: nn.Module) -> bool:
