@@ -110,7 +110,10 @@ def check_model_spec(spec: str) -> None:
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ValueError(f"could not load the tokenizer of {spec!r}: {_hub_hint(spec, e)}") from e
     prepare_tokenizer(tok)
     return tok
 
@@ -140,8 +143,24 @@ def load_model(
         from lora_studio.methods.qlora import quantization_config
 
         kwargs["quantization_config"] = quantization_config(dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as e:
+        raise ValueError(f"could not load model {spec!r}: {_hub_hint(spec, e)}") from e
     model.eval()
     return model
+
+
+def _hub_hint(spec: str, error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    if Path(spec).exists():
+        return first
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    hint = (
+        "the Hub is switched off here (HF_HUB_OFFLINE) and the model is not in the local cache"
+        if offline
+        else "check the Hub id (owner/name), your internet connection, and for gated models your token"
+    )
+    return f"{first} ({hint})"

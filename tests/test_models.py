@@ -53,3 +53,11 @@ def test_bundled_model_trains_a_few_steps(tmp_path):
     assert len(losses) == 3 and all(0 < l < 20 for l in losses) and losses[-1] < losses[0]
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == BUNDLED_HUB_ID
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"could not load .*'nobody-here/no-such-model'.*HF_HUB_OFFLINE"):
+        load_tokenizer("nobody-here/no-such-model")
+    with pytest.raises(ValueError, match=r"could not load model 'nobody-here/no-such-model'"):
+        load_model("nobody-here/no-such-model")
