@@ -62,6 +62,16 @@ class TrainConfig:
     """Also save a merged full model in RUN/merged after training."""
     quantize: str | None = None
     """`4bit` stores the base in NF4 (QLoRA). None: full precision."""
+    precision: str = "auto"
+    """`auto`: bf16 where the hardware multiplies bf16 natively (recent GPUs; CPUs with
+    AVX512-BF16 or AMX), else fp32. `bf16`: products under bf16 autocast, frozen linear weights
+    stored in bf16, adapter weights and optimizer state in fp32. `fp32`: everything in fp32."""
+    gradient_checkpointing: str = "auto"
+    """Recompute activations in backward instead of keeping them: `on`, `off`, or `auto` (on only
+    when the largest batch's activations would take more than half of the free memory)."""
+    compile: bool = False
+    """torch.compile the model body. Pays on a GPU over long runs; on a few CPU cores the
+    compilation (a minute or more) costs more than it saves on short jobs."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options only one method reads (e.g. VeRA's `d_initial`, Delta-LoRA's `start_step`)."""
 
@@ -129,6 +139,10 @@ class TrainConfig:
             problems.append(f"max_steps must be at least 1 (got {self.max_steps})")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if self.gradient_checkpointing not in ("auto", "on", "off"):
+            problems.append(f"gradient_checkpointing must be auto, on or off (got {self.gradient_checkpointing!r})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
         if problems:

@@ -28,6 +28,9 @@ from lora_studio.config import TrainConfig
 from lora_studio.data import IGNORE_INDEX, collate, length_grouped_batches, load_conversations, tokenize_all
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
 from lora_studio.models import base_model_id, load_model, load_tokenizer
+from lora_studio.speed import (
+    apply_precision, autocast, enable_checkpointing, linear_cross_entropy, resolve_precision, wants_checkpointing,
+)
 
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -108,11 +111,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if post_processes_logits or not hasattr(model, "base_model") or model.base_model is model:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits[:, :-1][keep]  # (N, V)
+        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     else:
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         hidden = hidden.last_hidden_state[:, :-1][keep]  # (N, H)
-        logits = model.get_output_embeddings()(hidden)  # (N, V)
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        # LM head + cross-entropy in chunks: never all (N, V) logits in fp32 at once.
+        loss = linear_cross_entropy(hidden, model.get_output_embeddings(), labels[keep])
     return loss, int(keep.sum())
 
 
@@ -159,7 +163,18 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
     model.to(device)
     torch.manual_seed(cfg.seed)  # adapter init
     names = inject_adapters(model, method, cfg)
-    return {"model": model, "tokenizer": tokenizer, "examples": examples, "device": device, "targets": names}
+    precision = resolve_precision(cfg.precision, device, cfg.quantize)
+    done = apply_precision(model, precision, cfg, method)
+    tokens = cfg.batch_size * max(len(e.input_ids) for e in examples)  # the largest batch, padded
+    done["checkpointing"] = wants_checkpointing(cfg.gradient_checkpointing, model, tokens, precision, device)
+    if done["checkpointing"]:
+        enable_checkpointing(model)
+    if cfg.compile:
+        model.base_model.compile(dynamic=True)  # in place; causal_lm_loss calls the body directly
+    return {
+        "model": model, "tokenizer": tokenizer, "examples": examples, "device": device, "targets": names,
+        "precision": precision, "speed": done,
+    }
 
 
 def train(
@@ -213,6 +228,7 @@ def _train(
         total_params=total,
         n_examples=len(examples),
         n_truncated=sum(e.truncated for e in examples),
+        speed=parts["speed"],
     )
     model.train()
     params = list(trainable_parameters(model).values())
@@ -230,7 +246,8 @@ def _train(
                 break
             t0 = time.perf_counter()
             batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], tokenizer.pad_token_id).items()}
-            loss_sum, n_tokens = causal_lm_loss(model, batch)
+            with autocast(parts["precision"], device):
+                loss_sum, n_tokens = causal_lm_loss(model, batch)
             loss = loss_sum / max(1, n_tokens)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
