@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_studio train|compare ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|bench ...` (headless, same engine as the UI)."""
 
 from __future__ import annotations
 
@@ -124,12 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _compare_parser(sub)
+    from lora_studio.bench import add_parser as _bench_parser
+
+    _bench_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return cmd_train(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "bench":
+            from lora_studio.bench import cmd_bench
+
+            return cmd_bench(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
