@@ -1,15 +1,19 @@
 """The engine's speed and memory choices, kept out of the training loop so it stays readable.
 
-* Precision. On hardware with native bf16 matrix units (CUDA GPUs of the Ampere generation and
-  later; x86 CPUs with AVX512-BF16 or AMX) the forward runs under bf16 autocast: matrix products
-  in bf16, norms, softmax and the residual stream in fp32, the adapter's own weights (the "master
-  weights") and their optimizer state in fp32. The frozen weights of the linear layers are then
-  *stored* in bf16: autocast would round them to bf16 before every product anyway, so the stored
-  copy gives bit-identical products without a per-step cast or an fp32 copy in memory. The
-  embedding table is never cast (its rows feed the fp32 residual stream as they are), nor is a
-  weight a method writes (Delta-LoRA), nor the base when a merged model is asked for.
-* The loss. `linear_cross_entropy` runs the LM head and the cross-entropy over chunks of the
-  trained positions and keeps only d loss / d hidden (N × H), never all logits (N × V) in fp32.
+* Packing. A right-padded batch runs as one sequence holding each distinct row prefix once
+  (`PackPlan`): no padding, the chat template's shared system prompt and headers computed once
+  per batch instead of once per row, and nothing past a row's last trained position. Exact:
+  the same products and gradients as the padded batch.
+* The loss. `linear_cross_entropy` runs the LM head on the trained positions only, over chunks,
+  and keeps only d loss / d hidden (N × H): never all logits (N × V) in fp32.
+* Precision. Where bf16 products are faster than fp32 ones (CUDA GPUs from Ampere on; CPUs with
+  AMX or fast AVX512-BF16, measured once per process) the forward runs under bf16 autocast:
+  products in bf16; norms, softmax and the residual stream in fp32; the adapter's weights (the
+  "master weights") and their optimizer state in fp32. The frozen weights of the linear layers
+  are then *stored* in bf16: autocast would round them to bf16 before every product anyway, so
+  the stored copy gives bit-identical products without a per-step cast or an fp32 copy in
+  memory. Never cast: the embedding table (its rows feed the fp32 residual stream), a weight a
+  method writes (Delta-LoRA), the base when a merged model is asked for.
 * Gradient checkpointing only when the activations would not fit (`"auto"`).
 """
 
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,22 +59,46 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def device_has_native_bf16(device: torch.device) -> bool:
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16 time of one mid-sized matrix product on one core (best of 5, CPU time, so
+    other processes barely move it). Native bf16 does not mean fast bf16: AMX or AMD's Zen 4
+    double the rate or better, while an Intel core with AVX512-BF16 but no AMX runs oneDNN's
+    bf16 kernel at about half its fp32 rate."""
+    a = torch.randn(256, 1024)
+    b = torch.randn(1024, 1024)
+    best = {}
+    with threads(1):
+        for dtype in (torch.float32, torch.bfloat16):
+            x, w = a.to(dtype), b.to(dtype)
+            F.linear(x, w)  # warm-up: kernel selection and JIT
+            times = []
+            for _ in range(5):
+                start = time.process_time()
+                F.linear(x, w)
+                times.append(time.process_time() - start)
+            best[dtype] = max(min(times), 1e-6)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def bf16_pays(device: torch.device) -> bool:
+    """Does training in bf16 beat fp32 here? On CUDA: native bf16 support (Ampere and later).
+    On CPU: native bf16 instructions and a measured speed-up of at least 1.3× on products."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return cpu_has_native_bf16()
+        return cpu_has_native_bf16() and cpu_bf16_speedup() >= 1.3
     return False
 
 
 def resolve_precision(precision: str, device: torch.device, quantize: str | None = None) -> str:
-    """`auto` -> `bf16` where the device has native bf16 (and the base is not 4-bit, whose
-    kernels pick their own compute dtype), else `fp32`."""
+    """`auto` -> `bf16` where bf16 products are faster than fp32 ones on this device (and the
+    base is not 4-bit, whose kernels pick their own compute dtype), else `fp32`."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     if precision != "auto":
         return precision
-    return "bf16" if device_has_native_bf16(device) and quantize is None else "fp32"
+    return "bf16" if quantize is None and bf16_pays(device) else "fp32"
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -170,6 +200,149 @@ def enable_checkpointing(model: nn.Module) -> None:
         enable({"use_reentrant": False})
     except ValueError as e:  # the architecture has no checkpointing support
         raise ValueError(f"gradient_checkpointing: {e}") from None
+
+
+# ---------------------------------------------------------------- packing rows as a prefix tree
+
+
+@dataclass
+class PackPlan:
+    """A batch laid out as one sequence in which every distinct row prefix appears once.
+
+    In a causal model the state at position t of a row depends only on its tokens 0..t, so rows
+    that start alike (a chat template's system prompt and headers, a repeated instruction) have
+    the same states there: the rows form a prefix tree (trie), and each node is computed once.
+    Node j sits at position `position_ids[j]` (its depth) and attends to its ancestors and
+    itself (`mask`), which are exactly the tokens it would see in its own row; the products and
+    gradients are those of the padded batch (the rows' contributions to a shared node add up),
+    without padding and without repeats.
+    """
+
+    input_ids: torch.Tensor  # (1, L)
+    position_ids: torch.Tensor  # (1, L)
+    mask: torch.Tensor  # (1, 1, L, L) bool, True = may attend
+    index: torch.Tensor  # (B, T): node of (row, t); 0 past the row's used length
+    lengths: list[int]  # positions used per row
+
+
+def plan_packing(input_ids: torch.Tensor, lengths: list[int], share: bool = True) -> PackPlan:
+    """The prefix tree of the rows' first `lengths[i]` tokens (`share=False`: rows side by side)."""
+    batch, width = input_ids.shape
+    rows = input_ids.tolist()
+    nodes: dict[tuple, int] = {}  # (parent node, token) -> node
+    tokens: list[int] = []
+    depth: list[int] = []
+    paths: list[list[int]] = []
+    for row, n in enumerate(lengths):
+        parent: Any = ("row", row) if not share else None
+        path = []
+        for t in range(n):
+            key = (parent, rows[row][t])
+            node = nodes.get(key)
+            if node is None:
+                node = nodes[key] = len(tokens)
+                tokens.append(rows[row][t])
+                depth.append(t)
+            path.append(node)
+            parent = node
+        paths.append(path)
+    size = len(tokens)
+    device = input_ids.device
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    index = torch.zeros(batch, width, dtype=torch.long)
+    for row, path in enumerate(paths):
+        if path:
+            ids = torch.tensor(path)
+            mask[ids[:, None], ids[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
+            index[row, : len(path)] = ids
+    return PackPlan(
+        torch.tensor(tokens, device=device)[None],
+        torch.tensor(depth, device=device)[None],
+        mask.to(device)[None, None],
+        index.to(device),
+        list(lengths),
+    )
+
+
+def packing_pays(body: nn.Module, batch: int, width: int, packed: int) -> bool:
+    """Packing trades the padded batch's B·T token-positions through the linear layers for the
+    tree's L, at the price of one dense L × L attention instead of B blocks of T × T."""
+    config = getattr(body, "config", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if not hidden or not layers:
+        return False
+    linear = sum(m.weight.numel() for m in body.modules() if is_linear(m)) / layers  # weights per layer
+    padded_cost = batch * width * 2 * linear + batch * width**2 * 4 * hidden
+    packed_cost = packed * 2 * linear + packed**2 * 4 * hidden
+    return packed_cost < 0.9 * padded_cost
+
+
+def _drops_out(body: nn.Module) -> bool:
+    """True when a forward in this mode draws dropout masks (base model or adapter): rows would
+    then get different masks on their common prefix, which one shared node cannot reproduce."""
+    if not body.training:
+        return False
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in body.modules()):
+        return True
+    config = getattr(body, "config", None)
+    names = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout")
+    return any(isinstance(getattr(config, n, None), float) and getattr(config, n) > 0 for n in names)
+
+
+def _packed_forward(body: nn.Module, plan: PackPlan) -> torch.Tensor:
+    out = body(input_ids=plan.input_ids, attention_mask=plan.mask, position_ids=plan.position_ids, use_cache=False)
+    return out.last_hidden_state[0]  # (L, H)
+
+
+def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
+    """Once per model: does the packed layout give the padded call's states? (An architecture
+    that ignores position_ids or derives a position bias from a 2D mask would not.)"""
+    verdict = getattr(body, "_lora_studio_packing_ok", None)
+    if verdict is None:
+        was_training = body.training
+        body.eval()
+        try:
+            with torch.no_grad():
+                ids, mask = input_ids[:2], attention_mask[:2]
+                plan = plan_packing(ids, mask.sum(1).tolist())
+                packed = _packed_forward(body, plan)[plan.index]  # (2, T, H)
+                plain = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (2, T, H)
+                real = mask.bool()
+                scale = plain[real].abs().max().clamp_min(1e-6)
+                verdict = bool(((packed[real] - plain[real]).abs().max() / scale).item() < 1e-3)
+        except (TypeError, ValueError, RuntimeError, IndexError):
+            verdict = False
+        finally:
+            body.train(was_training)
+        body._lora_studio_packing_ok = verdict
+    return verdict
+
+
+def trained_hidden_states(
+    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """The decoder body's last hidden states at the positions `keep` (B, T-1) marks, (N, H):
+    what the LM head needs for a right-padded batch.
+
+    Only positions up to each row's last kept one are computed (later ones, such as the EOS and
+    newline a chat template ends a turn with, feed nothing that is trained), packed as a prefix
+    tree (see PackPlan) when that is cheaper than the padded call. Falls back to the plain call
+    for a batch of one, under gradient checkpointing, or on a model the packed layout does not
+    reproduce.
+    """
+    batch, width = input_ids.shape
+    if batch > 1 and attention_mask.dim() == 2 and not getattr(body, "gradient_checkpointing", False):
+        positions = torch.arange(keep.shape[1], device=keep.device)  # (T-1,)
+        last = torch.where(keep, positions, -1).max(1).values  # (B,) last kept position per row
+        lengths = torch.minimum(last + 1, attention_mask.sum(1)).tolist()
+        plan = plan_packing(input_ids, lengths, share=not _drops_out(body))
+        size = plan.input_ids.shape[1]
+        if size and packing_pays(body, batch, width, size) and _packing_works(body, input_ids, attention_mask):
+            nodes = plan.index[:, :-1][keep]  # (N,)
+            return _packed_forward(body, plan)[nodes]  # (N, H)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    return hidden[:, :-1][keep]
 
 
 # ---------------------------------------------------------------- the loss

@@ -29,7 +29,13 @@ from lora_studio.data import IGNORE_INDEX, collate, length_grouped_batches, load
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
 from lora_studio.models import base_model_id, load_model, load_tokenizer
 from lora_studio.speed import (
-    apply_precision, autocast, enable_checkpointing, linear_cross_entropy, resolve_precision, wants_checkpointing,
+    apply_precision,
+    autocast,
+    enable_checkpointing,
+    linear_cross_entropy,
+    resolve_precision,
+    trained_hidden_states,
+    wants_checkpointing,
 )
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -113,8 +119,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         logits = logits[:, :-1][keep]  # (N, V)
         loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     else:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        hidden = hidden.last_hidden_state[:, :-1][keep]  # (N, H)
+        # Rows packed as a prefix tree: a prompt prefix they share runs once, no padding.
+        hidden = trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)  # (N, H)
         # LM head + cross-entropy in chunks: never all (N, V) logits in fp32 at once.
         loss = linear_cross_entropy(hidden, model.get_output_embeddings(), labels[keep])
     return loss, int(keep.sum())
