@@ -2,7 +2,10 @@
 
 One command runs the same fine-tuning job (model, rows, epochs, batch size, rank, targets, seed,
 optimizer, schedule, clipping) several ways, each in a fresh subprocess so that peak memory
-(RSS, or the CUDA peak on a GPU) belongs to that run alone:
+(RSS, or the CUDA peak on a GPU) belongs to that run alone. The runs load side by side and then
+train in turns, one step each in round robin, so that only one computes at any moment and a
+machine that gets busier during the bench slows them all alike; a run's train time is the sum
+of its step times:
 
   ours       lora_studio.train.train with its defaults (precision auto, length-grouped batches,
              LM head on trained positions only, chunked cross-entropy)
@@ -31,6 +34,7 @@ import os
 import platform
 import random
 import resource
+import select
 import subprocess
 import sys
 import time
@@ -144,23 +148,86 @@ def model_flops_per_token(model: Any) -> int:
     return 4 * n
 
 
-def _summary(rows: list[dict[str, Any]], train_s: float, real_tokens: int) -> dict[str, Any]:
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     tail = [r["loss"] for r in rows[-5:]]
+    train_s = sum(r["step_s"] for r in rows)
+    cpu_s = sum(r["cpu_s"] for r in rows)
+    tokens = sum(r["tokens"] for r in rows)
+    elapsed, curve = 0.0, []
+    for r in rows:
+        elapsed += r["step_s"]
+        curve.append([round(elapsed, 3), round(r["loss"], 5)])
     return {
         "steps": len(rows),
         "train_s": train_s,
-        "tokens": real_tokens,
-        "tokens_per_s": real_tokens / max(train_s, 1e-9),
+        "cpu_s": cpu_s,
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(train_s, 1e-9),
         "first_loss": rows[0]["loss"] if rows else math.nan,
         "final_loss": sum(tail) / max(1, len(tail)),
-        "curve": [[round(r["elapsed_s"], 3), round(r["loss"], 5)] for r in rows],
+        "curve": curve,
+        "spans": [r["span"] for r in rows],  # wall-clock start and end of each step
     }
 
 
 # ---------------------------------------------------------------- the runs (in a worker process)
 
 
-def run_ours(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+class Turns:
+    """The worker's side of taking turns: wait for the driver's go before each step, report after.
+
+    Runs take turns step by step, so only one of them computes at any moment and a machine that
+    gets busier or quieter during the bench slows or speeds every run alike. Standalone (no
+    pipes), every call returns at once.
+    """
+
+    def __init__(self, fds: list[int] | None, label: str) -> None:
+        self.rx = os.fdopen(fds[0], "r") if fds else None
+        self.tx = os.fdopen(fds[1], "w") if fds else None
+        self.label = label
+        self.rows: list[dict[str, Any]] = []
+        self._started = False
+        self._t0 = self._c0 = self._at = 0.0
+
+    def send(self, message: str) -> None:
+        if self.tx is not None:
+            self.tx.write(message + "\n")
+            self.tx.flush()
+
+    def wait(self) -> None:
+        if self.rx is not None and not self.rx.readline():
+            raise SystemExit("the bench driver went away")
+
+    def before_step(self) -> bool:
+        """Called before each step (as train()'s should_stop: never asks to stop)."""
+        if not self._started:
+            self._started = True
+            self.send("ready")
+        self.wait()
+        self._t0, self._c0, self._at = time.perf_counter(), time.process_time(), time.time()
+        return False
+
+    def after_step(self, row: dict[str, Any]) -> None:
+        """Called after each step with its `loss` and `tokens`."""
+        step_s, cpu_s = time.perf_counter() - self._t0, time.process_time() - self._c0
+        self.rows.append({"loss": row["loss"], "tokens": row["tokens"], "step_s": step_s, "cpu_s": cpu_s,
+                          "span": [self._at, self._at + step_s]})
+        n = len(self.rows)
+        if n == 1 or n % 10 == 0:
+            elapsed = sum(r["step_s"] for r in self.rows)
+            print(f"  {self.label}: step {n} loss {row['loss']:.4f} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+        self.send("stepped")
+
+    def finished_training(self) -> None:
+        if not self._started:  # failed before the first step: still take part in the handshake
+            self._started = True
+            self.send("ready")
+        self.wait()
+        self.send("trained")
+        self.wait()  # evaluation goes one run at a time too
+
+
+def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     import torch
 
     from lora_studio.adapters import load_adapter
@@ -173,22 +240,18 @@ def run_ours(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     if spec["variant"] == "ours-fp32":
         fields["precision"] = "fp32"
     cfg = TrainConfig.from_dict(fields)
-    rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    status = train(cfg, on_step=lambda row: _progress(spec, rows, row))
+    status = train(cfg, on_step=turns.after_step, should_stop=turns.before_step)
     total_s = time.perf_counter() - t0
-    if status.get("state") != "done":
-        raise RuntimeError(f"training failed: {status.get('error')}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_memory_mb(device)
-    result = _summary(rows, rows[-1]["elapsed_s"], sum(r["tokens"] for r in rows))
+    turns.finished_training()
+    if status.get("state") != "done":
+        raise RuntimeError(f"training failed: {status.get('error')}")
+    result = _summary(turns.rows)
     status = read_status(cfg.out)
-    result.update(
-        total_s=total_s,
-        peak_mb=peak,
-        trainable_params=status.get("trainable_params"),
-        speed=status.get("speed"),
-    )
+    result.update(total_s=total_s, peak_mb=peak, trainable_params=status.get("trainable_params"),
+                  speed=status.get("speed"))
     # Score the artifact a user gets: the saved adapter on the full-precision base.
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model).to(device)
@@ -199,7 +262,7 @@ def run_ours(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return result
 
 
-def run_peft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     """The baseline: transformers + peft's LoRA, a plain loop, padded batches in data order."""
     import torch
 
@@ -234,13 +297,12 @@ def run_peft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
     model.train()
-    rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    real_tokens = 0
-    while len(rows) < total:
+    step = 0
+    while step < total:
         for chunk in batches:
-            if len(rows) >= total:
+            if step >= total:
                 break
+            turns.before_step()
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss
@@ -249,26 +311,17 @@ def run_peft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            real_tokens += int(batch["attention_mask"].sum())
-            _progress(spec, rows, {"step": len(rows) + 1, "loss": loss.item(), "elapsed_s": time.perf_counter() - start})
-    train_s = time.perf_counter() - start
-    result = _summary(rows, train_s, real_tokens)
-    result.update(
-        total_s=time.perf_counter() - t0,
-        peak_mb=peak_memory_mb(device),
-        trainable_params=sum(p.numel() for p in params),
-    )
+            step += 1
+            turns.after_step({"loss": loss.item(), "tokens": int(batch["attention_mask"].sum())})
+    total_s = time.perf_counter() - t0
+    peak = peak_memory_mb(device)
+    turns.finished_training()
+    result = _summary(turns.rows)
+    result.update(total_s=total_s, peak_mb=peak, trainable_params=sum(p.numel() for p in params))
     held_out = tokenize_all(tokenizer, load_conversations(spec["eval_file"], cfg.system_prompt), cfg.max_seq_len)
     result.update(evaluate(model, held_out, tokenizer.pad_token_id, cfg.batch_size, device))
     result["flops_per_token"] = model_flops_per_token(model)
     return result
-
-
-def _progress(spec: dict[str, Any], rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
-    rows.append(row)
-    if row["step"] == 1 or row["step"] % 10 == 0:
-        print(f"  {spec['label']}: step {row['step']} loss {row['loss']:.4f} ({row['elapsed_s']:.1f} s)",
-              file=sys.stderr, flush=True)
 
 
 def worker(spec_path: str) -> int:
@@ -280,12 +333,11 @@ def worker(spec_path: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    turns = Turns(spec.get("turn_fds"), spec["label"])
     load_before = load_average()
     try:
-        if spec["variant"] in BASELINES:
-            result = run_peft(spec, out)
-        else:
-            result = run_ours(spec, out)
+        run = run_peft if spec["variant"] in BASELINES else run_ours
+        result = run(spec, out, turns)
         if torch.cuda.is_available():
             result["mfu"] = mfu(result, torch.cuda.get_device_name(0))
     except Exception as e:  # noqa: BLE001 - reported in the table, the other runs go on
@@ -293,6 +345,7 @@ def worker(spec_path: str) -> int:
     result.update(variant=spec["variant"], label=spec["label"], threads=torch.get_num_threads(),
                   load_before=load_before, load_after=load_average())
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    turns.send("done")
     return 0
 
 
@@ -331,34 +384,73 @@ def split_rows(data: str, eval_data: str | None, eval_fraction: float, seed: int
     return str(train_file), str(eval_file), len(train), len(held)
 
 
-def run_variant(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """Run one spec in a fresh Python process and read its result."""
-    out = Path(spec["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / "spec.json"
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+def run_variants(specs: list[dict[str, Any]], timeout: float = 1800.0) -> dict[str, dict[str, Any]]:
+    """Run the specs in fresh Python processes, loaded side by side, training in turns: one step
+    of each in round robin (see Turns), then one evaluation after the other."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if spec.get("threads"):
-        env["OMP_NUM_THREADS"] = str(spec["threads"])
-    cmd = [sys.executable, "-m", "lora_studio.bench", "--worker", str(spec_path)]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=subprocess.PIPE, stderr=None, text=True)
-    except subprocess.TimeoutExpired:
-        return {"variant": spec["variant"], "label": spec["label"], "error": f"timed out after {timeout:.0f} s"}
-    result_path = out / "result.json"
-    if not result_path.exists():
-        tail = (proc.stdout or "")[-2000:]
-        return {"variant": spec["variant"], "label": spec["label"],
-                "error": f"worker exited with code {proc.returncode} and no result {tail}".strip()}
-    result = json.loads(result_path.read_text())
-    result["process_s"] = time.perf_counter() - t0
-    return result
+    runs: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        out = Path(spec["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").unlink(missing_ok=True)
+        go_r, go_w = os.pipe()
+        back_r, back_w = os.pipe()
+        spec = dict(spec, turn_fds=[go_r, back_w])
+        (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
+        if spec.get("threads"):
+            env["OMP_NUM_THREADS"] = str(spec["threads"])
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lora_studio.bench", "--worker", str(out / "spec.json")],
+            env=env, pass_fds=(go_r, back_w), stdout=subprocess.DEVNULL,
+        )
+        os.close(go_r)
+        os.close(back_w)
+        runs[spec["label"]] = {"spec": spec, "proc": proc, "go": os.fdopen(go_w, "w"), "back": os.fdopen(back_r, "r"),
+                               "state": "loading", "t0": time.perf_counter()}
+
+    def ask(run: dict[str, Any], say: bool = True) -> str:
+        if say:
+            try:
+                run["go"].write("go\n")
+                run["go"].flush()
+            except BrokenPipeError:
+                return ""
+        ready, _, _ = select.select([run["back"]], [], [], timeout)
+        return run["back"].readline().strip() if ready else "timeout"
+
+    for run in runs.values():  # wait until every run has loaded (loading is not timed)
+        run["state"] = "training" if ask(run, say=False) == "ready" else "gone"
+    while any(run["state"] == "training" for run in runs.values()):
+        for run in runs.values():
+            if run["state"] == "training":
+                answer = ask(run)
+                if answer != "stepped":
+                    run["state"] = "trained" if answer == "trained" else "gone"
+    for run in runs.values():  # evaluations, one at a time
+        if run["state"] == "trained":
+            ask(run)
+    results: dict[str, dict[str, Any]] = {}
+    for label, run in runs.items():
+        run["go"].close()
+        try:
+            run["proc"].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            run["proc"].kill()
+            run["proc"].wait()
+        path = Path(run["spec"]["out"]) / "result.json"
+        if path.exists():
+            results[label] = json.loads(path.read_text())
+        else:
+            results[label] = {"variant": run["spec"]["variant"], "label": label,
+                              "error": f"the run's process ended with code {run['proc'].returncode} and no result"}
+        results[label]["process_s"] = time.perf_counter() - run["t0"]
+        run["back"].close()
+    return results
 
 
 def ratios(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
@@ -418,17 +510,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"{job['epochs']} epoch(s), batch {job['batch_size']}, rank {job['rank']}, alpha {job['alpha']}, "
         f"targets {job['target']}, dropout {job['dropout']}, lr {job['lr']}, seed {job['seed']}, {job['threads']} threads.",
         "",
-        "| run | steps | train time (s) | tokens/s | peak memory (MiB) | train loss (last 5 steps) "
+        "| run | steps | train time (s) | CPU time (s) | tokens/s | peak memory (MiB) | train loss (last 5 steps) "
         "| eval loss | eval token acc | eval reply acc | load avg before → after |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:200]} |||||||||")
+            lines.append(f"| {name} | failed: {r['error'][:200]} ||||||||||")
             continue
         load = f"{_fmt((r.get('load_before') or [None])[0], '.2f')} → {_fmt((r.get('load_after') or [None])[0], '.2f')}"
         lines.append(
-            f"| {name} | {r['steps']} | {_fmt(r['train_s'], '.1f')} | {_fmt(r['tokens_per_s'], '.0f')} "
+            f"| {name} | {r['steps']} | {_fmt(r['train_s'], '.1f')} | {_fmt(r.get('cpu_s'), '.1f')} "
+            f"| {_fmt(r['tokens_per_s'], '.0f')} "
             f"| {_fmt(r['peak_mb'], '.0f')} | {_fmt(r['final_loss'], '.4f')} | {_fmt(r['eval_loss'], '.4f')} "
             f"| {_fmt(r['eval_token_acc'], '.3f')} | {_fmt(r['eval_reply_acc'], '.3f')} | {load} |"
         )
@@ -581,12 +674,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     train_file, eval_file, n_train, n_eval = split_rows(args.data, args.eval_data, args.eval_fraction, args.seed, out)
     cfg = _base_cfg(args)
     threads = args.threads or machine_info()["cores"]
-    results: dict[str, dict[str, Any]] = {}
-    for variant in variants:
-        print(f"running {variant} (load average {load_average()[:1]}) ...", file=sys.stderr, flush=True)
-        spec = {"variant": variant, "label": variant, "cfg": cfg, "train_file": train_file, "eval_file": eval_file,
-                "threads": threads, "out": str(out / variant)}
-        results[variant] = run_variant(spec, args.timeout)
+    print(f"running {', '.join(variants)} in turns, {threads} threads each (load average {load_average()})",
+          file=sys.stderr, flush=True)
+    specs = [{"variant": v, "label": v, "cfg": cfg, "train_file": train_file, "eval_file": eval_file,
+              "threads": threads, "out": str(out / v)} for v in variants]
+    results = run_variants(specs, args.timeout)
     report: dict[str, Any] = {
         "machine": machine_info(),
         "job": {**{k: cfg[k] for k in ("model", "method", "rank", "alpha", "dropout", "lr", "epochs", "max_steps",
@@ -611,8 +703,8 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.threads or machine_info()["cores"]
     steps = args.max_steps or 10
     results: dict[str, dict[str, Any]] = {}
+    specs = []
     for name in REGISTRY:
-        print(f"running {name} (load average {load_average()[:1]}) ...", file=sys.stderr, flush=True)
         method_args = argparse.Namespace(**{**vars(args), "method": name, "rank": None, "alpha": None, "lr": None,
                                             "dropout": None, "max_steps": steps})
         try:
@@ -620,9 +712,15 @@ def bench_methods(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError as e:
             results[name] = {"variant": "ours", "label": name, "error": str(e)}
             continue
-        spec = {"variant": "ours", "label": name, "cfg": cfg, "train_file": train_file, "eval_file": eval_file,
-                "threads": threads, "out": str(out / "methods" / name)}
-        results[name] = run_variant(spec, args.timeout)
+        specs.append({"variant": "ours", "label": name, "cfg": cfg, "train_file": train_file, "eval_file": eval_file,
+                      "threads": threads, "out": str(out / "methods" / name)})
+    # In turns, a few at a time: each holds a model in memory while it waits.
+    for start in range(0, len(specs), args.group):
+        group = specs[start : start + args.group]
+        print(f"running {', '.join(s['label'] for s in group)} in turns (load average {load_average()})",
+              file=sys.stderr, flush=True)
+        results.update(run_variants(group, args.timeout))
+    results = {name: results[name] for name in REGISTRY if name in results}
     report = {
         "machine": machine_info(),
         "job": {"model": args.model, "data": args.data, "steps": steps, "batch_size": args.batch_size,
@@ -670,7 +768,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="ours (default auto)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: the cores this process may use)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a run is abandoned")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for one step of a run")
+    p.add_argument("--group", type=int, default=4, help="--methods: how many methods train in turns at once")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from tests.conftest import format_rows, write_jsonl
 
 RESULT_FIELDS = {
     "steps", "train_s", "tokens", "tokens_per_s", "peak_mb", "final_loss", "eval_loss", "eval_token_acc",
-    "eval_reply_acc", "curve", "trainable_params", "load_before", "load_after", "threads",
+    "eval_reply_acc", "curve", "trainable_params", "load_before", "load_after", "threads", "cpu_s",
 }
 
 
@@ -47,6 +47,12 @@ def test_bench_runs_every_variant_and_writes_table_json_plot(bench_run):
         # The elapsed times of the curve only grow, and the last is the train time.
         times = [t for t, _ in r["curve"]]
         assert times == sorted(times) and times[-1] == pytest.approx(r["train_s"], rel=0.05, abs=0.05)
+    # The runs took turns: no two steps of different runs overlap in time.
+    spans = sorted((a, b, name) for name, r in report["results"].items() for a, b in r["spans"])
+    assert len(spans) == 12
+    for (_, end, _), (start, _, _) in zip(spans, spans[1:]):
+        assert start >= end - 1e-3
+    assert len({name for _, _, name in spans[:4]}) == 4  # round robin: each run's first step comes first
     # Same job: same trainable parameter count for our LoRA and peft's, same held-out tokens.
     results = report["results"]
     assert results["ours"]["trainable_params"] == results["peft-fp32"]["trainable_params"]
