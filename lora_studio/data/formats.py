@@ -283,12 +283,12 @@ def _check_order(r: _Row, messages: list[dict[str, str]], name: str) -> list[Mes
             r.add(m["_field"], "role_order", f"expected a {expected} turn after {previous}, got {m['role']}")
             return None
         expected = "assistant" if expected == "user" else "user"
-    if messages and messages[-1]["role"] == "user":
-        r.add(messages[-1]["_field"], "role_order", "the last user turn has no reply; it is left out", WARNING)
-        messages = messages[:-1]
     if not any(m["role"] == "assistant" for m in messages):
         r.add(name, "role_order", "no assistant turn to train on")
         return None
+    if messages[-1]["role"] == "user":
+        r.add(messages[-1]["_field"], "role_order", "the last user turn has no reply; it is left out", WARNING)
+        messages = messages[:-1]
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
