@@ -195,13 +195,16 @@ def _read_json(text: str, shown: str) -> RawData:
 
 
 def _records(doc: Any) -> list[Any] | None:
-    """The list of records a JSON document holds: an array; an object wrapping one array of
-    objects ({"data": [...]}); or pandas' column orientation ({"col": [v1, v2], ...})."""
+    """The list of records a JSON document holds: an array; a single conversation object;
+    an object wrapping one array of objects ({"data": [...]}); or pandas' column
+    orientation ({"col": [v1, v2], ...})."""
     if isinstance(doc, list):
         return doc
     if not isinstance(doc, dict) or not doc:
         return None
     lists = {k: v for k, v in doc.items() if isinstance(v, list)}
+    if set(doc) & {"messages", "conversations"}:
+        return [doc]  # one conversation, not a wrapper around records
     if len(doc) == 1 and lists and all(isinstance(r, dict) for r in next(iter(lists.values()))):
         return next(iter(lists.values()))
     if len(lists) == len(doc) and len({len(v) for v in lists.values()}) == 1:

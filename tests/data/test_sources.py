@@ -188,3 +188,11 @@ def test_hub_dataset_offline_fails_clearly(monkeypatch):
     problem = e.value.problems[0]
     assert problem.kind == "unreadable" and problem.file == "lora-studio-tests/no-such-dataset@train"
     assert "cannot load the Hub dataset" in str(e.value) and "offline" in str(e.value)
+
+
+def test_single_conversation_object_is_one_record(tmp_path):
+    conv = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(conv, indent=2))
+    raw = read_source(path)
+    assert raw.rows == [conv] and raw.row_numbers == [1]
