@@ -110,7 +110,8 @@ def check_packing(model: nn.Module, atol: float = 1e-4) -> None:
     model.eval()
     try:
         alone = [model(**model_inputs({"input_ids": x, "attention_mask": torch.ones_like(x)})).logits for x in (first, second)]
-        row = collate(pack_examples([Example(first[0].tolist(), []), Example(second[0].tolist(), [])], 12), 0)
+        samples = [Example(x[0].tolist(), x[0].tolist()) for x in (first, second)]
+        row = collate(pack_examples(samples, 12), 0)
         order = row["position_ids"][0].tolist()  # the longer sample is packed first
         together = model(**model_inputs({k: v.to(device) for k, v in row.items()})).logits
     finally:
