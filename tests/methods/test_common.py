@@ -24,12 +24,18 @@ def test_identity_at_init(method, tiny_model_dir):
     torch.testing.assert_close(logits(model, ids), logits(base, ids))
 
 
+def _options(method: str) -> dict:
+    # Delta-LoRA from step 1, so its rule on W is checked by the same single step.
+    return {"method_options": {"start_step": 0}} if method == "delta-lora" else {}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_step_changes_only_the_adapter(method, tiny_model_dir):
-    model, cfg = adapted(tiny_model_dir, method)
+    model, cfg = adapted(tiny_model_dir, method, **_options(method))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, cfg)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     model.train()
     ids = sample_ids(model.config.vocab_size, batch=4, length=16)
     out = model(input_ids=ids, labels=ids)
@@ -38,11 +44,23 @@ def test_step_changes_only_the_adapter(method, tiny_model_dir):
     m = get_method(method)
     if m.after_step is not None:
         m.after_step(model, cfg, 1)
+    moved_bases = set()
+    for name, layer in adapter_layers(model).items():
+        key = f"{name}.base.weight"
+        if method == "delta-lora":
+            # W1 = W0 + λ·s·(B1 A1 − B0 A0), B0 = 0; stored transposed for GPT-2's Conv1D
+            lam = cfg.method_options["lambda"]
+            delta = lam * layer.scaling * (layer.lora_B @ layer.lora_A)
+            expected = frozen_before[key] + (delta.T if layer.fan_in_fan_out else delta)
+            torch.testing.assert_close(layer.base.weight, expected, rtol=0, atol=1e-7)
+            assert not torch.equal(layer.base.weight, frozen_before[key])
+            moved_bases.add(key)
     for n, p in model.named_parameters():
-        if n in frozen_before and method != "delta-lora":
+        if n in frozen_before and n not in moved_bases:
             assert torch.equal(p, frozen_before[n]), f"frozen parameter {n} changed"
         if n in frozen_before:
             assert p.grad is None, f"frozen parameter {n} got a gradient"
+            assert id(p) not in in_optimizer, f"frozen parameter {n} is in the optimizer"
     changed = [n for n, p in model.named_parameters() if n in trainable_before and not torch.equal(p, trainable_before[n])]
     assert changed, "no adapter parameter moved after one step"
 
