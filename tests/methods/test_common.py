@@ -102,3 +102,53 @@ def test_export_reload_round_trip(method, tiny_model_dir, tmp_path):
     torch.manual_seed(123)  # a different init: the loaded tensors must override it
     load_adapter(fresh, tmp_path / "adapter")
     torch.testing.assert_close(logits(fresh, ids), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trains_end_to_end(method, tiny_llama_dir, train_file, tmp_path):
+    """The training loop runs each method unchanged; the saved adapter reloads and is not the base."""
+    import json
+    import math
+
+    from lora_studio.config import TrainConfig
+    from lora_studio.train import train
+
+    cfg = TrainConfig(
+        data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir, method=method,
+        rank=4, max_steps=3, batch_size=4, max_seq_len=64, lr=1e-2, warmup_ratio=0.0,
+    )
+    status = train(cfg)
+    assert status["state"] == "done", status.get("error")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    if method == "lora-plus":
+        assert rows[0]["lrs"][1] == pytest.approx(16 * rows[0]["lrs"][0])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["method"] == method
+    model = load_model(tiny_llama_dir)
+    load_adapter(model, tmp_path / "run" / "adapter")
+    ids = sample_ids(model.config.vocab_size)
+    assert not torch.allclose(logits(model, ids), logits(load_model(tiny_llama_dir), ids), atol=1e-4)
+
+
+def test_unknown_option_fails_the_run_up_front(tiny_llama_dir, train_file, tmp_path):
+    from lora_studio.config import TrainConfig
+    from lora_studio.train import train
+
+    cfg = TrainConfig(data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir, method="vera",
+                      method_options={"d_inital": 0.5}, max_steps=1)
+    status = train(cfg)
+    assert status["state"] == "failed"
+    assert "vera has no option d_inital (its options: d_initial, projection_prng_key)" in status["error"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_impossible_combinations_are_refused_before_any_work(tiny_llama_dir):
+    """Read from the settings alone (no 4-bit model needed): why, and what to pick instead."""
+    with pytest.raises(ValueError, match=r"Delta-LoRA cannot train on a 4-bit base: .*Pick lora.*without --quantize"):
+        adapted(tiny_llama_dir, "delta-lora", quantize="4bit")
+    with pytest.raises(ValueError, match="--merge cannot fold the adapter into a 4-bit base.*train without --quantize"):
+        adapted(tiny_llama_dir, "dora", quantize="4bit", merge=True)
+    for method in METHODS:
+        if method != "delta-lora":
+            adapted(tiny_llama_dir, method, quantize="4bit")  # accepted (the model here is float; only settings are read)
