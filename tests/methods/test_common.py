@@ -152,3 +152,19 @@ def test_impossible_combinations_are_refused_before_any_work(tiny_llama_dir):
     for method in METHODS:
         if method != "delta-lora":
             adapted(tiny_llama_dir, method, quantize="4bit")  # accepted (the model here is float; only settings are read)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_file_states_paper_equation_and_defaults(method):
+    import inspect
+    import re
+
+    m = get_method(method)
+    arxiv = re.search(r"arXiv:\d{4}\.\d{5}", m.paper)
+    assert arxiv, m.paper
+    doc = inspect.getmodule(m.build_layer if method not in ("lora-plus", "lora-pro") else m.build_optimizer).__doc__
+    assert arxiv.group(0) in doc and "Defaults" in doc and "=" in doc  # the paper, its defaults, an equation
+    defaults = doc[doc.index("Defaults") :]
+    lr = m.defaults["lr"]
+    assert f"rank {m.defaults['rank']}" in defaults, f"{method}: default rank undocumented"
+    assert f"lr {lr:.0e}".replace("e-0", "e-") in defaults, f"{method}: default lr undocumented"
