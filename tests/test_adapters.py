@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from lora_studio.adapters import load_adapter, save_adapter
+from lora_studio.methods import REGISTRY, get_method
 from lora_studio.models import load_model
 from tests.helpers import adapted, logits, perturb, sample_ids
 
@@ -45,6 +46,21 @@ def test_peft_loads_our_adapter_with_our_logits(tiny_model_dir, tmp_path, rslora
     ours = logits(model, ids)
     save_adapter(model, tmp_path, cfg.to_dict(), tiny_model_dir)
     ref = peft.PeftModel.from_pretrained(load_model(tiny_model_dir), str(tmp_path))
+    torch.testing.assert_close(logits(ref, ids), ours, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, logits(load_model(tiny_model_dir), ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
+def test_peft_loads_every_method_s_adapter(tiny_model_dir, tmp_path, method):
+    """LoRA-family adapters (DoRA as use_dora, Delta-LoRA as plain LoRA) and VeRA's, in peft."""
+    peft = pytest.importorskip("peft")
+    model, cfg = adapted(tiny_model_dir, method)
+    perturb(model, scale=0.3)
+    ids = sample_ids(model.config.vocab_size)
+    ours = logits(model, ids)
+    save_adapter(model, tmp_path, cfg.to_dict(), tiny_model_dir)
+    ref = peft.PeftModel.from_pretrained(load_model(tiny_model_dir), str(tmp_path))
+    assert ref.peft_config["default"].peft_type == get_method(method).peft_type
     torch.testing.assert_close(logits(ref, ids), ours, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours, logits(load_model(tiny_model_dir), ids), atol=1e-3)
 
