@@ -140,7 +140,8 @@ def run_one(name: str, steps: int, batch_size: int, max_seq_len: int) -> dict:
         "loss_first": rows[0]["loss"],
         "loss_last": rows[-1]["loss"],
         "loss_heldout": loss_heldout,
-        "s_per_step": rows[-1]["elapsed_s"] / len(rows),  # the loop only: no loading or saving
+        # Kept out of the table: on a shared CPU, wall time says more about the neighbours.
+        "s_per_step": rows[-1]["elapsed_s"] / len(rows),
     }
 
 
@@ -155,22 +156,22 @@ def markdown(rows: list[dict], base: dict, args: argparse.Namespace) -> str:
     lines = [
         f"# Methods on the bundled model: {args.steps} steps, batch {args.batch_size}, max_seq_len {args.max_seq_len}",
         "",
-        "Made by `python scripts/methods_table.py` (CPU, float32, seed 0, each method with its own defaults; "
-        "same data order for all). Activations: bytes autograd saves for backward on the first batch; "
+        f"Made by `python scripts/methods_table.py` ({os.cpu_count()}-core CPU, float32, seed 0, each method with "
+        "its own defaults; same data order for all). Activations: bytes autograd saves for backward on the first batch; "
         "optimizer: AdamW state; peak RSS: the whole training process. Loss: training loss at step 1 "
         f"and step {args.steps}, and mean token loss on examples/json_answers_heldout.jsonl after training "
         f"(base model: {base['loss_heldout']:.3f}).",
         "",
         "| method | rank | lr | trainable params | activations MiB | optimizer MiB | peak RSS MiB "
-        f"| loss step 1 | loss step {args.steps} | held-out loss | s/step |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| loss step 1 | loss step {args.steps} | held-out loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         share = 100 * r["trainable"] / r["total"]
         lines.append(
             f"| {r['method']} | {r['rank']} | {r['lr']:g} | {r['trainable']:,} ({share:.2f}%) | "
             f"{r['activations_mb']:.1f} | {r['optimizer_mb']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['loss_first']:.3f} | {r['loss_last']:.3f} | {r['loss_heldout']:.3f} | {r['s_per_step']:.2f} |"
+            f"{r['loss_first']:.3f} | {r['loss_last']:.3f} | {r['loss_heldout']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 

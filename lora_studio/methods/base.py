@@ -292,6 +292,34 @@ def load_layer_states(model: nn.Module, tensors: dict[str, torch.Tensor], prefix
     return used
 
 
+def lora_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+    """(A, B, scale s) of every LoRA-type adapter layer."""
+    return [(m.lora_A, m.lora_B, m.scaling) for m in adapter_layers(model).values() if hasattr(m, "lora_B")]
+
+
+class AdjustedAdamW(torch.optim.AdamW):
+    """AdamW whose `step()` first rewrites the A/B gradients (LoRA-FA's projection, LoRA-Pro's
+    correction), so the training loop calls `step()` as for any optimizer."""
+
+    def __init__(self, params: Any, pairs: list[tuple[nn.Parameter, nn.Parameter, float]], **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.pairs = pairs
+        """(A, B, scale s) of every adapted layer."""
+
+    def adjust_gradients(self) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:  # gradients first, then the rewrite, then AdamW
+            with torch.enable_grad():
+                loss = closure()
+        self.adjust_gradients()
+        super().step()
+        return loss
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit weight counts its real element count."""
     trainable = total = 0

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_studio.methods.base import Method, adapter_layers, trainable_parameters
+from lora_studio.methods.base import AdjustedAdamW, Method, lora_pairs, trainable_parameters
 from lora_studio.methods.lora import LoRALinear
 
 RIDGE = 1e-8
@@ -93,33 +93,21 @@ def projected_b_gradient(grad_B: torch.Tensor, lora_A: torch.Tensor, scaling: fl
     return (grad_B.double() @ aat_inv / scaling**2).to(grad_B.dtype)
 
 
-class LoRAFAAdamW(torch.optim.AdamW):
+class LoRAFAAdamW(AdjustedAdamW):
     """AdamW whose step first projects each B gradient onto A's row space (see module docstring)."""
 
-    def __init__(self, params: Any, pairs: list[tuple[torch.Tensor, nn.Parameter, float]], **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.pairs = pairs
-        """(frozen A, trained B, scale s) of every adapted layer."""
-
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def adjust_gradients(self) -> None:
         for lora_A, lora_B, scaling in self.pairs:
             if lora_B.grad is not None:
                 lora_B.grad.copy_(projected_b_gradient(lora_B.grad, lora_A, scaling))
-        super().step()
-        return loss
 
 
 def build_lora_fa_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     params = list(trainable_parameters(model).values())
     if not LORA_FA.option(cfg, "projected_gradient"):
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    pairs = [(layer.lora_A, layer.lora_B, layer.scaling) for layer in adapter_layers(model).values()]
-    return LoRAFAAdamW(params, pairs, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return LoRAFAAdamW(params, lora_pairs(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 LORA_FA = Method(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_studio.methods.base import Method, adapter_layers, trainable_parameters
+from lora_studio.methods.base import AdjustedAdamW, Method, lora_pairs, trainable_parameters
 from lora_studio.methods.lora import build_lora
 
 RIDGE = 1e-8
@@ -77,13 +77,8 @@ def lora_pro_gradients(
     return new_ga.to(grad_A.dtype), new_gb.to(grad_B.dtype), x
 
 
-class LoRAProAdamW(torch.optim.AdamW):
+class LoRAProAdamW(AdjustedAdamW):
     """AdamW that first replaces each layer's (g_A, g_B) by LoRA-Pro's (g^A, g^B)."""
-
-    def __init__(self, params: Any, pairs: list[tuple[nn.Parameter, nn.Parameter, float]], **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        self.pairs = pairs
-        """(A, B, scale s) of every adapted layer."""
 
     @torch.no_grad()
     def adjust_gradients(self) -> None:
@@ -94,21 +89,10 @@ class LoRAProAdamW(torch.optim.AdamW):
             lora_A.grad.copy_(new_ga)
             lora_B.grad.copy_(new_gb)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.adjust_gradients()
-        super().step()
-        return loss
-
 
 def build_lora_pro_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
-    pairs = [(layer.lora_A, layer.lora_B, layer.scaling) for layer in adapter_layers(model).values()]
     params = list(trainable_parameters(model).values())
-    return LoRAProAdamW(params, pairs, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return LoRAProAdamW(params, lora_pairs(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 LORA_PRO = Method(

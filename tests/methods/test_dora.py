@@ -7,11 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_studio.adapters import load_adapter, save_adapter
-from lora_studio.methods import adapter_layers
 from lora_studio.methods.dora import DoRALinear
-from lora_studio.models import load_model
-from tests.helpers import adapted, logits, perturb, sample_ids
 
 
 def _base(kind: str, d_in: int = 12, d_out: int = 10) -> nn.Module:
@@ -105,33 +101,6 @@ def test_forward_equals_peft_dora_layer(kind, training):
     torch.testing.assert_close(got, ref(x))
     if training:  # the dropout path really ran
         assert not torch.allclose(got, ours.eval()(x))
-
-
-def test_peft_loads_our_dora_adapter(tiny_model_dir, tmp_path):
-    peft = pytest.importorskip("peft")
-    model, cfg = adapted(tiny_model_dir, "dora")
-    perturb(model)
-    ids = sample_ids(model.config.vocab_size)
-    ours = logits(model, ids)
-    save_adapter(model, tmp_path, cfg.to_dict(), tiny_model_dir)
-    ref = peft.PeftModel.from_pretrained(load_model(tiny_model_dir), str(tmp_path))
-    assert ref.peft_config["default"].use_dora
-    torch.testing.assert_close(logits(ref, ids), ours, atol=1e-4, rtol=1e-4)
-    assert not torch.allclose(ours, logits(load_model(tiny_model_dir), ids), atol=1e-3)
-
-
-def test_we_load_a_peft_dora_adapter(tiny_llama_dir, tmp_path):
-    peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])
-    ref = peft.get_peft_model(load_model(tiny_llama_dir), config)
-    perturb(ref)
-    ids = sample_ids(ref.config.vocab_size)
-    expected = logits(ref, ids)
-    ref.save_pretrained(str(tmp_path))
-    ours = load_model(tiny_llama_dir)
-    assert load_adapter(ours, tmp_path)["method"] == "dora"
-    assert len(adapter_layers(ours)) == 4
-    torch.testing.assert_close(logits(ours, ids), expected, atol=1e-5, rtol=1e-5)
 
 
 class _Holder(nn.Module):
