@@ -286,8 +286,8 @@ def train(
         if env.main:
             cfg.save(run_dir / "config.json")
             write_status(
-                run_dir, "running", pid=os.getpid(), host=hostname(), started_at=time.time(),
-                error=None, finished_at=None, world_size=env.world,
+                run_dir, "running", pid=os.getpid(), pid_started=_process_started(), host=hostname(), started_at=time.time(),
+                error=None, finished_at=None, world_size=env.world, method=cfg.method, model=cfg.model,
             )
         with _signals_request_stop() as signalled:
             return _train(cfg, run_dir, env, on_step, should_stop, resume, signalled)
@@ -304,6 +304,12 @@ def train(
     finally:
         if env.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 OOM_ADVICE = (
