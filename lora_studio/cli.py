@@ -45,7 +45,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="run model code from the Hub repo (only for repos you trust)",
     )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
-    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="save a resumable checkpoint every N steps (0: only on stop)")
+    p.add_argument(
+        "--checkpoint-every", type=int, dest="checkpoint_every", help="resumable checkpoint every N steps (0: on stop only)"
+    )
     p.add_argument("--eval-every", type=int, dest="eval_every", help="validation loss every N steps (0: at the end)")
     p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
@@ -136,7 +138,8 @@ def _relaunch_under_torchrun(n: int, argv: list[str]) -> None:
         if a.startswith("--gpus="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lora_studio", *rest]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    cmd = [*torchrun, "-m", "lora_studio", *rest]
     print("running on", n, "GPUs:", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)
 

@@ -95,10 +95,25 @@ def run_table(configs: list[tuple[str, str, str, list[str]]], device: str) -> li
     return lines
 
 
+def random_smol(path: Path, tok) -> str:
+    """A randomly initialized model of SmolLM2-135M's shape, for machines without the bundled one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-saved", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="GPU set: a random SmolLM2-shaped model, bf16 and fp32")
     args = parser.parse_args()
     import torch
 
@@ -112,6 +127,15 @@ def main() -> None:
         build(len(tok)).save_pretrained(tmp / name)
         tok.save_pretrained(tmp / name)
         tiny[name] = str(tmp / name)
+    if args.gpu:
+        smol = random_smol(tmp / "random-smol", tok)
+        long = str(long_rows(tmp / "long.jsonl"))
+        configs = [(tiny["tiny-llama"], "long", long, ["--batch-size", "8", "--precision", p]) for p in ("fp32", "bf16")]
+        for flags in (["--batch-size", "4"], ["--batch-size", "16"], ["--batch-size", "16", "--gradient-checkpointing"]):
+            for precision in ("fp32", "bf16"):
+                configs.append((smol, "long", long, [*flags, "--max-seq-len", "256", "--precision", precision]))
+        print("\n".join(run_table(configs, device)))
+        return
     if not args.skip_saved:
         print("\n".join(saved_table({**tiny, "SmolLM2-135M": "bundled"})), flush=True)
     examples = str(ROOT / "examples" / "json_answers.jsonl")

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # CPU processes on gloo, also on a machine with a GPU (one GPU cannot host two ranks).
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, "-m", "lora_studio", *args], env=env, capture_output=True, text=True, timeout=600)
 
 
