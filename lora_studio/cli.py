@@ -164,8 +164,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     n_gpus = _gpu_count(args.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(n_gpus, args.argv)
-    if args.resume:
-        clear_control(cfg.out)  # the stop request that ended the previous life of the run
+    if not os.environ.get("LORA_STUDIO_SUPERVISED"):
+        # A stop request left from an earlier life of this folder. (A runner-started worker keeps
+        # it: the runner cleared it at launch, so it is a stop pressed while the worker started.)
+        clear_control(cfg.out)
 
     def progress(row: dict[str, Any]) -> None:
         print(progress_line(row, read_status(cfg.out).get("total_steps")), flush=True)

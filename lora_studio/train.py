@@ -26,6 +26,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from torch import nn
 
 from lora_studio.adapters import save_adapter
 from lora_studio.checkpoint import (
+    CHECKPOINTS,
     checkpoint_tensors,
     latest_checkpoint,
     load_checkpoint,
@@ -508,8 +510,6 @@ class _Loop:
         step = self.pos.step
         folder = tmp_dir(self.run_dir, step)
         if self.env.main and folder.exists():  # left by a crash during an earlier save
-            import shutil
-
             shutil.rmtree(folder)
         self._barrier()
         write_rank_rng(folder, self.env.rank, rng_state(self.device, self.epoch_start_state))
@@ -559,8 +559,9 @@ def _train(
     trainable, total = count_parameters(loop.model)
     resumed_from = loop.restore() if resume else None
     if env.main:
-        if resumed_from is None:
+        if resumed_from is None:  # a fresh start: nothing of an earlier run in this folder carries over
             (run_dir / METRICS).write_text("")
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         else:
             truncate_metrics(run_dir, resumed_from)
         write_status(
