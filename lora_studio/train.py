@@ -65,6 +65,7 @@ from lora_studio.data import (
     pack_examples,
 )
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
+from lora_studio.methods.base import check_config
 from lora_studio.models import base_model_id, load_model, load_tokenizer
 from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
     METRICS,
@@ -275,8 +276,7 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
     """Load model, tokenizer and data, and inject the adapter: everything before step 1."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = get_method(cfg.method)
-    if cfg.quantize == "4bit" and not method.supports_4bit:
-        raise ValueError(f"{method.title} cannot train on a 4-bit base: {method.why_not_4bit}")
+    check_config(method, cfg)  # impossible combinations fail before anything is loaded
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     examples, val_examples, report = build_datasets(cfg, tokenizer)
     _, base_dtype = resolve_precision(cfg, device)
