@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_studio.methods import adapter_layers, get_method, inject_adapters
-from lora_studio.methods.base import Conv1D, is_linear
+from lora_studio.methods.base import Conv1D, is_linear, load_layer_states
 
 PEFT_PREFIX = "base_model.model."
 STUDIO_FILE = "lora_studio.json"
@@ -60,9 +60,8 @@ def peft_config(model: nn.Module, settings: dict[str, Any], base_model: str) -> 
             use_rslora=settings.get("use_rslora", False),
             use_dora=settings["method"] == "dora",
         )
-    export_config = getattr(method, "export_config", None)
-    if export_config is not None:
-        config = export_config(model, settings, config)
+    if method.export_config is not None:
+        config = method.export_config(model, settings, config)
     return config
 
 
@@ -77,9 +76,8 @@ def save_adapter(
         raise ValueError("the model has no adapter layers to save")
     method = get_method(settings["method"])
     tensors: dict[str, torch.Tensor] = {}
-    export_state = getattr(method, "export_state", None)
-    if export_state is not None:
-        tensors.update(export_state(model, settings))
+    if method.export_state is not None:
+        tensors.update(method.export_state(model, settings))
     else:
         for name, layer in layers.items():
             for key, value in layer.peft_state().items():
@@ -124,7 +122,8 @@ def read_adapter_record(adapter_dir: str | Path) -> dict[str, Any]:
         }
     elif peft_type == "VERA":
         settings = {"method": "vera", "rank": config["r"], "alpha": 1.0, "dropout": 0.0, "use_rslora": False}
-        settings["projection_prng_key"] = config.get("projection_prng_key", 0)
+        # Without saved projections, vera_A/vera_B are regrown from this seed.
+        settings["method_options"] = {"projection_prng_key": config.get("projection_prng_key", 0)}
     else:
         raise ValueError(f"{cfg_path}: adapters of peft_type {peft_type!r} are not supported")
     return {"method": method if peft_type == "LORA" else "vera", "settings": settings}
@@ -143,32 +142,35 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:
     settings = dict(record["settings"])
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     method = get_method(settings["method"])
-    modules = record.get("modules") or sorted(
-        {k[len(PEFT_PREFIX) :].rsplit(".", 2)[0] for k in tensors if k.startswith(PEFT_PREFIX) and ".lora_" in k}
-    )
+    modules = record.get("modules") or _adapted_modules(tensors)
     fields = {k: v for k, v in settings.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**fields)
     cfg.target = ",".join(modules)
     with torch.random.fork_rng():  # the init is overwritten; keep the caller's RNG stream
-        inject_adapters(model, method, _ExactTargets(cfg, modules))
-    import_state = getattr(method, "import_state", None)
-    if import_state is not None:
-        import_state(model, tensors, settings)
-        return record
-    layers = adapter_layers(model)
-    used: set[str] = set()
-    for name, layer in layers.items():
-        prefix = f"{PEFT_PREFIX}{name}."
-        sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        expected = set(layer.peft_state())
-        if not expected <= set(sub):
-            raise ValueError(f"{folder}: layer {name} lacks {', '.join(sorted(expected - set(sub)))}")
-        layer.load_peft_state(sub)
-        used.update(prefix + k for k in expected)
+        try:
+            if method.import_state is not None:
+                used = method.import_state(model, tensors, _ExactTargets(cfg, modules), modules)
+            else:
+                inject_adapters(model, method, _ExactTargets(cfg, modules))
+                used = load_layer_states(model, tensors, PEFT_PREFIX)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from None
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"{folder}: tensors that match no layer: {', '.join(unused[:5])}")
     return record
+
+
+def _adapted_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Module paths of a foreign adapter, from its keys (`<path>.lora_A.weight`, `<path>.vera_lambda_b`)."""
+    paths = set()
+    for key in tensors:
+        if not key.startswith(PEFT_PREFIX):
+            continue  # VeRA's shared `base_model.vera_A` / `base_model.vera_B`
+        for marker in (".lora_", ".vera_lambda_"):
+            if marker in key:
+                paths.add(key[len(PEFT_PREFIX) : key.index(marker)])
+    return sorted(paths)
 
 
 class _ExactTargets:

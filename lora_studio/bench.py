@@ -10,7 +10,10 @@ of its step times:
   ours       lora_studio.train.train with its defaults (precision auto, length-grouped batches,
              LM head on trained positions only, chunked cross-entropy)
   peft-fp32  the usual stack: transformers model + peft's default LoRA layer, a plain PyTorch
-             loop over padded batches in data order, `model(**batch).loss`, everything fp32
+             loop over padded batches, `model(**batch).loss`, everything fp32. By default it
+             takes our batches in our order (length-grouped, seeded) and our adapter init, so
+             that the two runs differ in the engine only and their losses can be compared
+             step for step; `--baseline-order data` feeds consecutive rows in file order.
   peft-bf16  the same loop under bf16 autocast (what an expert runs)
 
 Every run is scored the same way afterwards, in fp32: eval loss and token accuracy (argmax =
@@ -33,7 +36,6 @@ import math
 import os
 import platform
 import random
-import resource
 import select
 import subprocess
 import sys
@@ -99,9 +101,21 @@ def peak_memory_mb(device: Any) -> float:
     """Peak RSS of this process (this run alone: each run has its own process), or the CUDA peak."""
     import torch
 
+    from lora_studio.train import peak_rss_mb
+
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_rss_mb()
+
+
+def held_out_examples(cfg: Any, tokenizer: Any, path: str) -> list[Any]:
+    """The held-out rows as examples, through the same reading and tokenizing as training."""
+    from lora_studio.data import ensure_chat_template, load_examples, parse_columns
+
+    ensure_chat_template(tokenizer)
+    examples, _ = load_examples(path, tokenizer, fmt=cfg.format, columns=parse_columns(cfg.columns),
+                                system_prompt=cfg.system_prompt, max_seq_len=cfg.max_seq_len)
+    return examples
 
 
 def evaluate(model: Any, examples: list[Any], pad_id: int, batch_size: int, device: Any) -> dict[str, float]:
@@ -232,7 +246,6 @@ def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
 
     from lora_studio.adapters import load_adapter
     from lora_studio.config import TrainConfig
-    from lora_studio.data import load_conversations, tokenize_all
     from lora_studio.models import load_model, load_tokenizer
     from lora_studio.train import read_status, train
 
@@ -251,12 +264,12 @@ def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     result = _summary(turns.rows)
     status = read_status(cfg.out)
     result.update(total_s=total_s, peak_mb=peak, trainable_params=status.get("trainable_params"),
-                  speed=status.get("speed"))
+                  precision=status.get("precision"))
     # Score the artifact a user gets: the saved adapter on the full-precision base.
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model).to(device)
     load_adapter(model, Path(cfg.out) / "adapter")
-    held_out = tokenize_all(tokenizer, load_conversations(spec["eval_file"], cfg.system_prompt), cfg.max_seq_len)
+    held_out = held_out_examples(cfg, tokenizer, spec["eval_file"])
     result.update(evaluate(model, held_out, tokenizer.pad_token_id, cfg.batch_size, device))
     result["flops_per_token"] = model_flops_per_token(model)
     return result
@@ -273,7 +286,7 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
     from lora_studio.config import TrainConfig
-    from lora_studio.data import collate, load_conversations, tokenize_all
+    from lora_studio.data import build_datasets, collate, length_grouped_batches
     from lora_studio.models import load_tokenizer, resolve_model_path
 
     cfg = TrainConfig.from_dict(dict(spec["cfg"], data=spec["train_file"], out=str(out))).resolved()
@@ -281,7 +294,7 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
-    examples = tokenize_all(tokenizer, load_conversations(cfg.data, cfg.system_prompt), cfg.max_seq_len)
+    examples, _, _ = build_datasets(cfg, tokenizer)  # the rows and tokens our engine trains on
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32).to(device)
     target: Any = "all-linear" if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",")]
     torch.manual_seed(cfg.seed)
@@ -290,19 +303,27 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
         use_rslora=cfg.use_rslora, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    same_init_as_ours(model, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batches = [examples[i : i + cfg.batch_size] for i in range(0, len(examples), cfg.batch_size)]
-    total = max(1, math.ceil(cfg.epochs * len(batches)))
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, math.ceil(cfg.epochs * per_epoch))
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
+    generator = torch.Generator().manual_seed(cfg.seed)  # our loop's batch order, epoch after epoch
+    lengths = [len(e.input_ids) for e in examples]
     model.train()
     step = 0
     while step < total:
-        for chunk in batches:
+        if spec.get("baseline_order") == "data":
+            batches = [list(range(i, min(i + cfg.batch_size, len(examples)))) for i in range(0, len(examples), cfg.batch_size)]
+        else:
+            batches = length_grouped_batches(lengths, cfg.batch_size, generator)
+        for ids in batches:
             if step >= total:
                 break
             turns.before_step()
+            chunk = [examples[i] for i in ids]
             batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss
@@ -317,11 +338,32 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     peak = peak_memory_mb(device)
     turns.finished_training()
     result = _summary(turns.rows)
-    result.update(total_s=total_s, peak_mb=peak, trainable_params=sum(p.numel() for p in params))
-    held_out = tokenize_all(tokenizer, load_conversations(spec["eval_file"], cfg.system_prompt), cfg.max_seq_len)
+    result.update(total_s=total_s, peak_mb=peak, trainable_params=sum(p.numel() for p in params),
+                  precision="bfloat16" if bf16 else "float32")
+    held_out = held_out_examples(cfg, tokenizer, spec["eval_file"])
     result.update(evaluate(model, held_out, tokenizer.pad_token_id, cfg.batch_size, device))
     result["flops_per_token"] = model_flops_per_token(model)
     return result
+
+
+def same_init_as_ours(model: Any, seed: int) -> int:
+    """Draw peft's lora_A matrices as our LoRA draws them (seed, then kaiming-uniform(a=√5) layer
+    by layer in module order; B = 0), so both start from the same adapter and only the engines
+    differ. peft's distribution is the same; its draws interleave with nn.Linear's own init."""
+    import torch
+
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    torch.nn.init.kaiming_uniform_(module.lora_A[name].weight, a=math.sqrt(5))
+                    torch.nn.init.zeros_(module.lora_B[name].weight)
+                    n += 1
+    return n
 
 
 def worker(spec_path: str) -> int:
@@ -364,12 +406,19 @@ def mfu(result: dict[str, Any], gpu: str) -> float | None:
 
 
 def split_rows(data: str, eval_data: str | None, eval_fraction: float, seed: int, out: Path) -> tuple[str, str, int, int]:
-    """Write the train and held-out files every run reads (the same rows for all)."""
-    from lora_studio.data import read_jsonl
+    """Write the train and held-out files every run reads (the same rows for all), as JSONL
+    whatever the source's kind (the columns, and so the detected format, are kept)."""
+    from lora_studio.data import DataError, read_source
 
-    rows = read_jsonl(data)
+    def rows_of(source: str) -> list[dict[str, Any]]:
+        raw = read_source(source)
+        if raw.problems:
+            raise DataError("; ".join(str(p) for p in raw.problems[:5]), raw.problems)
+        return raw.rows
+
+    rows = rows_of(data)
     if eval_data:
-        train, held = rows, read_jsonl(eval_data)
+        train, held = rows, rows_of(eval_data)
     else:
         if len(rows) < 2:
             raise ValueError(f"{data}: need at least 2 rows to hold some out (or pass --eval-data)")
@@ -508,7 +557,9 @@ def markdown(report: dict[str, Any]) -> str:
         + f" (native bf16: {'yes' if m['cpu_native_bf16'] else 'no'}); torch {m['torch']}; {m['date']}.",
         f"Job: model {job['model']}, {job['train_rows']} training rows ({job['data']}), {job['eval_rows']} held-out rows, "
         f"{job['epochs']} epoch(s), batch {job['batch_size']}, rank {job['rank']}, alpha {job['alpha']}, "
-        f"targets {job['target']}, dropout {job['dropout']}, lr {job['lr']}, seed {job['seed']}, {job['threads']} threads.",
+        f"targets {job['target']}, dropout {job['dropout']}, lr {job['lr']}, seed {job['seed']}, {job['threads']} threads; "
+        + ("the baseline takes our batches in our order and starts from our adapter init."
+           if job.get("baseline_order", "ours") == "ours" else "the baseline takes consecutive rows in file order."),
         "",
         "| run | steps | train time (s) | CPU time (s) | tokens/s | peak memory (MiB) | train loss (last 5 steps) "
         "| eval loss | eval token acc | eval reply acc | load avg before → after |",
@@ -677,13 +728,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"running {', '.join(variants)} in turns, {threads} threads each (load average {load_average()})",
           file=sys.stderr, flush=True)
     specs = [{"variant": v, "label": v, "cfg": cfg, "train_file": train_file, "eval_file": eval_file,
-              "threads": threads, "out": str(out / v)} for v in variants]
+              "threads": threads, "out": str(out / v), "baseline_order": args.baseline_order} for v in variants]
     results = run_variants(specs, args.timeout)
     report: dict[str, Any] = {
         "machine": machine_info(),
         "job": {**{k: cfg[k] for k in ("model", "method", "rank", "alpha", "dropout", "lr", "epochs", "max_steps",
                                        "batch_size", "max_seq_len", "target", "seed", "precision")},
-                "data": args.data, "train_rows": n_train, "eval_rows": n_eval, "threads": threads},
+                "data": args.data, "train_rows": n_train, "eval_rows": n_eval, "threads": threads,
+                "baseline_order": args.baseline_order},
         "results": results,
     }
     ok = {k: v for k, v in results.items() if "error" not in v}
@@ -767,6 +819,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", default="all-linear")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="ours (default auto)")
+    p.add_argument("--baseline-order", dest="baseline_order", choices=["ours", "data"], default="ours",
+                   help="the baseline's batches: ours (the same length-grouped batches in the same order, so "
+                   "only the engines differ) or data (consecutive rows in file order)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: the cores this process may use)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for one step of a run")
     p.add_argument("--group", type=int, default=4, help="--methods: how many methods train in turns at once")

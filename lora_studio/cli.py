@@ -1,21 +1,23 @@
-"""Command line: `python -m lora_studio train|compare|bench ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|inspect|runs|bench ...` (headless, same engine as the UI)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from lora_studio.config import TrainConfig
+from lora_studio.data.formats import FORMATS
 from lora_studio.methods import REGISTRY
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model on an instruction file")
     p.add_argument("--config", help="a config.json from an earlier run (flags given override it)")
-    p.add_argument("--data", help="training file (JSONL with instruction/input/output)")
+    p.add_argument("--data", help="training data: JSONL/JSON/CSV/TSV/Parquet file or Hub owner/name[:config][@split]")
     p.add_argument("--out", help="run folder to write")
     p.add_argument("--model", help="bundled, a Hub id, or a local folder (default bundled)")
     p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
@@ -33,6 +35,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-ratio", type=float, dest="warmup_ratio")
     p.add_argument("--weight-decay", type=float, dest="weight_decay")
     p.add_argument("--system-prompt", dest="system_prompt")
+    _data_format_args(p)
+    p.add_argument("--val-data", dest="val_data", help="a second file held out for the eval loss")
+    p.add_argument("--val-fraction", type=float, dest="val_fraction", help="fraction of rows held out for the eval loss")
+    p.add_argument("--packing", action="store_true", default=None, help="pack samples into full rows (no cross-attention)")
+    p.add_argument(
+        "--drop-invalid", action="store_true", default=None, dest="drop_invalid", help="drop bad rows instead of refusing"
+    )
     p.add_argument("--rslora", action="store_true", default=None, dest="use_rslora")
     p.add_argument("--quantize", choices=["4bit"])
     p.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
@@ -44,6 +53,54 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="run model code from the Hub repo (only for repos you trust)",
     )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p.add_argument(
+        "--checkpoint-every", type=int, dest="checkpoint_every", help="resumable checkpoint every N steps (0: on stop only)"
+    )
+    p.add_argument("--eval-every", type=int, dest="eval_every", help="validation loss every N steps (0: at the end)")
+    p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
+    p.add_argument(
+        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
+    )
+
+
+def _runs_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list the runs in a runs folder: state, method, step, loss")
+    p.add_argument("--runs-dir", dest="runs_dir", help="default: $LORA_STUDIO_RUNS_DIR or ./runs")
+
+
+def _columns(text: str) -> dict[str, str]:
+    from lora_studio.data import DataError, parse_columns
+
+    try:
+        return parse_columns(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _data_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        help="row format (default: detected from the columns)",
+    )
+    p.add_argument(
+        "--columns", type=_columns, metavar="FIELD=COLUMN,...", help="map your columns, e.g. instruction=question,output=answer"
+    )
+
+
+def _inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="validate a data file and show what the model would be trained on")
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV/TSV/Parquet file or Hub owner/name[:config][@split]")
+    p.add_argument("--model", default="bundled", help="whose tokenizer and chat template to render with (default bundled)")
+    _data_format_args(p)
+    p.add_argument("--system-prompt", dest="system_prompt")
+    p.add_argument("--max-seq-len", type=int, default=512, dest="max_seq_len")
+    p.add_argument("--samples", type=int, default=3, help="rendered samples to print")
+    p.add_argument("--rows", type=int, default=5, help="first rows to print as a table")
+    p.add_argument("--trust-remote-code", action="store_true", dest="trust_remote_code")
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,23 +140,101 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's own config: a resume continues exactly the run that was started."""
+    given = [n for n in TrainConfig.__dataclass_fields__ if getattr(args, n, None) not in (None, [])]
+    if args.config or given or args.option:
+        raise SystemExit("--resume continues a run as it was configured; drop the other training flags")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"--resume {run_dir}: not a run folder (no config.json)")
+    cfg = TrainConfig.load(run_dir / "config.json")
+    cfg.out = str(run_dir)
+    return cfg
+
+
+def _gpu_count(spec: str) -> int:
+    if spec == "auto":
+        import torch
+
+        return torch.cuda.device_count()  # reads NVML; does not initialize CUDA here
+    try:
+        return int(spec)
+    except ValueError:
+        raise SystemExit(f"--gpus {spec!r}: expected a number or auto") from None
+
+
+def _relaunch_under_torchrun(n: int, argv: list[str]) -> None:
+    """Replace this process by torchrun running the same command on n GPUs (same pid)."""
+    rest = []
+    skip = False
+    for a in argv:  # drop --gpus: the ranks must not relaunch themselves
+        if skip:
+            skip = False
+            continue
+        if a == "--gpus":
+            skip = True
+            continue
+        if a.startswith("--gpus="):
+            continue
+        rest.append(a)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    cmd = [*torchrun, "-m", "lora_studio", *rest]
+    print("running on", n, "GPUs:", " ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def progress_line(row: dict[str, Any], total: int | None) -> str:
+    frac = row.get("progress", 0.0)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    line = (
+        f"[{bar}] {row['step']:>5}/{total or '?'}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+        f"{row['tokens_per_s']:.0f} tok/s  rss {row['rss_mb']:.0f} MiB  eta {row['eta_s']:.0f}s"
+    )
+    if "eval_loss" in row:
+        line += f"  eval {row['eval_loss']:.4f}"
+    return line
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from lora_studio.runfiles import clear_control, read_status
     from lora_studio.train import train
 
-    cfg = config_from_args(args)
+    cfg = _resume_config(args) if args.resume else config_from_args(args)
+    n_gpus = _gpu_count(args.gpus)
+    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(n_gpus, args.argv)
+    if not os.environ.get("LORA_STUDIO_SUPERVISED"):
+        # A stop request left from an earlier life of this folder. (A runner-started worker keeps
+        # it: the runner cleared it at launch, so it is a stop pressed while the worker started.)
+        clear_control(cfg.out)
 
     def progress(row: dict[str, Any]) -> None:
-        print(
-            f"step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-            f"{row['tokens_per_s']:.0f} tok/s  rss {row['rss_mb']:.0f} MiB  eta {row['eta_s']:.0f}s",
-            flush=True,
-        )
+        print(progress_line(row, read_status(cfg.out).get("total_steps")), flush=True)
 
-    status = train(cfg, on_step=progress)
+    status = train(cfg, on_step=progress, resume=bool(args.resume))
+    if not status:  # a DDP rank other than 0
+        return 0
     if status.get("state") == "failed":
         print(f"training failed: {status.get('error')}", file=sys.stderr)
         return 1
     print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from lora_studio.runner import Runner
+
+    runs = Runner(args.runs_dir).list_runs()
+    if not runs:
+        print(f"no runs in {Runner(args.runs_dir).runs_dir}")
+        return 0
+    print(f"{'run':<36} {'state':<9} {'method':<11} {'step':>11} {'loss':>8}  note")
+    for r in runs:
+        step = f"{r.get('step') or 0}/{r.get('total_steps') or '?'}"
+        loss = f"{r['loss']:.4f}" if isinstance(r.get("loss"), (int, float)) else "-"
+        note = r.get("error") or (f"queue position {r['queue_position']}" if r.get("queue_position") else "")
+        print(f"{r['run_id']:<36} {r.get('state', '?'):<9} {r.get('method') or '-':<11} {step:>11} {loss:>8}  {note}")
     return 0
 
 
@@ -119,20 +254,50 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Exit status 0 when the data trains as it is, 1 when rows have errors."""
+    from lora_studio.data import inspect_data
+    from lora_studio.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    preview = inspect_data(
+        args.data,
+        tokenizer,
+        fmt=args.format,
+        columns=args.columns,
+        system_prompt=args.system_prompt,
+        max_seq_len=args.max_seq_len,
+        n_rows=args.rows,
+        n_samples=args.samples,
+    )
+    if preview.rows is not None and args.rows:
+        print(preview.rows.to_string(index=False, max_colwidth=60))
+    print(preview.text())
+    return 0 if preview.report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_studio", description="LoRA Studio, headless")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _compare_parser(sub)
+    _inspect_parser(sub)
+    _runs_parser(sub)
     from lora_studio.bench import add_parser as _bench_parser
 
     _bench_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         if args.command == "train":
             return cmd_train(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
+        if args.command == "runs":
+            return cmd_runs(args)
         if args.command == "bench":
             from lora_studio.bench import cmd_bench
 

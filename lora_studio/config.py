@@ -17,7 +17,7 @@ from typing import Any
 @dataclass
 class TrainConfig:
     data: str = ""
-    """Training data: a local file (JSONL with instruction/input/output, ...)."""
+    """Training data: a JSONL, JSON, CSV, TSV or Parquet file, or a Hub dataset `owner/name[:config][@split]`."""
     out: str = ""
     """Run folder: config, metrics, status and the adapter are written here."""
     model: str = "bundled"
@@ -62,18 +62,41 @@ class TrainConfig:
     """Also save a merged full model in RUN/merged after training."""
     quantize: str | None = None
     """`4bit` stores the base in NF4 (QLoRA). None: full precision."""
-    precision: str = "auto"
-    """`auto`: bf16 where the hardware multiplies bf16 natively (recent GPUs; CPUs with
-    AVX512-BF16 or AMX), else fp32. `bf16`: products under bf16 autocast, frozen linear weights
-    stored in bf16, adapter weights and optimizer state in fp32. `fp32`: everything in fp32."""
-    gradient_checkpointing: str = "auto"
-    """Recompute activations in backward instead of keeping them: `on`, `off`, or `auto` (on only
-    when the largest batch's activations would take more than half of the free memory)."""
-    compile: bool = False
-    """torch.compile the model body. Pays on a GPU over long runs; on a few CPU cores the
-    compilation (a minute or more) costs more than it saves on short jobs."""
+    format: str | None = None
+    """Row format: alpaca, messages, sharegpt, prompt-completion or text. None: detected from the columns."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Our field name -> the file's column, e.g. {"instruction": "question", "output": "answer"}."""
+    val_data: str | None = None
+    """A second file (or Hub split) held out for the eval loss; excludes val_fraction."""
+    val_fraction: float = 0.0
+    """Fraction of the training rows held out for the eval loss (0: none)."""
+    packing: bool = False
+    """Pack several samples into rows of up to max_seq_len tokens (no cross-sample attention)
+    instead of padding them; batch_size then counts packed rows."""
+    drop_invalid: bool = False
+    """Drop rows with errors (and duplicate rows), counting them; False refuses such data."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options only one method reads (e.g. VeRA's `d_initial`, Delta-LoRA's `start_step`)."""
+    grad_accum_steps: int = 1
+    """Split each optimizer step's `batch_size` sequences into this many micro-batches run one
+    after another (same update, less activation memory). Must not exceed `batch_size`."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them: about a
+    third slower, activation memory from one per block to one block's worth."""
+    precision: str = "auto"
+    """`auto`: on a GPU bf16 autocast where it has bf16, else fp16; on a CPU bf16 autocast where
+    bf16 products measure faster than fp32 ones (AMX, AMD Zen 4), else fp32. `fp32`, `bf16` or
+    `fp16` (GPU only). With bf16 the frozen base is stored in bf16 (on a CPU only the linear
+    weights: the same products as autocast over fp32 weights); adapter weights stay fp32."""
+    compile: bool = False
+    """torch.compile the model body. Compiling takes minutes on a few CPU cores, more than it
+    saves on short jobs; worth trying for long runs on a GPU."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N
+    optimizer steps; 0 saves only when the run stops or ends."""
+    eval_every: int = 50
+    """Compute the validation loss every N optimizer steps and at the last step (when there is
+    validation data); 0: only at the last step."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,10 +162,27 @@ class TrainConfig:
             problems.append(f"max_steps must be at least 1 (got {self.max_steps})")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"precision must be auto, fp32 or bf16 (got {self.precision!r})")
-        if self.gradient_checkpointing not in ("auto", "on", "off"):
-            problems.append(f"gradient_checkpointing must be auto, on or off (got {self.gradient_checkpointing!r})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.val_data and self.val_fraction:
+            problems.append("give val_data or val_fraction, not both")
+        from lora_studio.data.formats import FORMATS
+
+        if self.format not in (None, *FORMATS):
+            problems.append(f"format must be one of {', '.join(FORMATS)} or unset (got {self.format!r})")
+        if self.grad_accum_steps < 1:
+            problems.append(f"grad_accum_steps must be at least 1 (got {self.grad_accum_steps})")
+        elif self.grad_accum_steps > self.batch_size:
+            problems.append(
+                f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size ({self.batch_size}): "
+                "each micro-batch needs at least one sequence"
+            )
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be auto, fp32, bf16 or fp16 (got {self.precision!r})")
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every must be 0 or more (got {self.checkpoint_every})")
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be 0 or more (got {self.eval_every})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
         if problems:

@@ -6,15 +6,12 @@
   the same products and gradients as the padded batch.
 * The loss. `linear_cross_entropy` runs the LM head on the trained positions only, over chunks,
   and keeps only d loss / d hidden (N × H): never all logits (N × V) in fp32.
-* Precision. Where bf16 products are faster than fp32 ones (CUDA GPUs from Ampere on; CPUs with
-  AMX or fast AVX512-BF16, measured once per process) the forward runs under bf16 autocast:
-  products in bf16; norms, softmax and the residual stream in fp32; the adapter's weights (the
-  "master weights") and their optimizer state in fp32. The frozen weights of the linear layers
-  are then *stored* in bf16: autocast would round them to bf16 before every product anyway, so
-  the stored copy gives bit-identical products without a per-step cast or an fp32 copy in
-  memory. Never cast: the embedding table (its rows feed the fp32 residual stream), a weight a
-  method writes (Delta-LoRA), the base when a merged model is asked for.
-* Gradient checkpointing only when the activations would not fit (`"auto"`).
+* Precision on a CPU. bf16 autocast only where bf16 products measure faster than fp32 ones
+  (`bf16_pays`: AMX, AMD Zen 4; an Intel core with AVX512-BF16 but no AMX is slower in bf16).
+  Then the frozen linear weights are *stored* in bf16 (`store_frozen_linears`): autocast would
+  round them to bf16 before every product anyway, so the products are bit-identical, without a
+  per-step cast or an fp32 copy in memory; the embedding table, norms and the adapter's own
+  (master) weights stay fp32.
 """
 
 from __future__ import annotations
@@ -32,9 +29,6 @@ from torch import nn
 
 from lora_studio.methods import adapter_layers
 from lora_studio.methods.base import is_linear
-
-PRECISIONS = ("auto", "fp32", "bf16")
-CHECKPOINTING = ("auto", "on", "off")
 
 LOSS_CHUNK_BYTES = 64 * 2**20
 """fp32 logits held at once by `linear_cross_entropy` (64 MiB: 341 positions of a 49k vocabulary)."""
@@ -91,23 +85,6 @@ def bf16_pays(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device, quantize: str | None = None) -> str:
-    """`auto` -> `bf16` where bf16 products are faster than fp32 ones on this device (and the
-    base is not 4-bit, whose kernels pick their own compute dtype), else `fp32`."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
-    if precision != "auto":
-        return precision
-    return "bf16" if quantize is None and bf16_pays(device) else "fp32"
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The context every training forward runs in: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _cast_input(module: nn.Module, args: tuple) -> tuple | None:
     # Outside autocast (an eval pass someone adds later, generation) a bf16 weight would meet an
     # fp32 input and fail: cast the input here and the output back in `_restore_output`.
@@ -150,56 +127,6 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
             module.register_forward_hook(_restore_output)
             module._lora_studio_guarded = True
     return count
-
-
-def apply_precision(model: nn.Module, precision: str, cfg: Any, method: Any) -> dict[str, Any]:
-    """Prepare an adapted model for `precision` (already resolved); returns what was done."""
-    done: dict[str, Any] = {"precision": precision, "bf16_weights": 0}
-    writes_base = not getattr(method, "supports_4bit", True)  # Delta-LoRA adds to W0 every step
-    if precision == "bf16" and not writes_base and not cfg.merge and cfg.quantize is None:
-        done["bf16_weights"] = store_frozen_linears(model, torch.bfloat16)
-    return done
-
-
-# ---------------------------------------------------------------- gradient checkpointing
-
-
-def activation_bytes(model: nn.Module, tokens: int, precision: str) -> int:
-    """Rough size of what autograd keeps for one batch of `tokens` tokens: about
-    10·hidden + 4·intermediate values per token and layer (measured on Llama-type blocks)."""
-    config = getattr(model, "config", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    per_value = 2 if precision == "bf16" else 4
-    return int(tokens * layers * (10 * hidden + 4 * inner) * per_value)
-
-
-def available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def wants_checkpointing(setting: str, model: nn.Module, tokens: int, precision: str, device: torch.device) -> bool:
-    """`on`/`off` as asked; `auto`: on only when the activations of the largest batch would take
-    more than half of the free memory (recomputing costs about a third more compute)."""
-    if setting not in CHECKPOINTING:
-        raise ValueError(f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING)} (got {setting!r})")
-    if setting != "auto":
-        return setting == "on"
-    return activation_bytes(model, tokens, precision) > available_bytes(device) // 2
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    try:
-        enable({"use_reentrant": False})
-    except ValueError as e:  # the architecture has no checkpointing support
-        raise ValueError(f"gradient_checkpointing: {e}") from None
 
 
 # ---------------------------------------------------------------- packing rows as a prefix tree

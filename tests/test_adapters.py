@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from lora_studio.adapters import load_adapter, save_adapter
+from lora_studio.methods import REGISTRY, adapter_layers, get_method
 from lora_studio.models import load_model
 from tests.helpers import adapted, logits, perturb, sample_ids
 
@@ -49,10 +50,29 @@ def test_peft_loads_our_adapter_with_our_logits(tiny_model_dir, tmp_path, rslora
     assert not torch.allclose(ours, logits(load_model(tiny_model_dir), ids), atol=1e-3)
 
 
-def test_we_load_a_peft_saved_adapter(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("method", list(REGISTRY))
+def test_peft_loads_every_method_s_adapter(tiny_model_dir, tmp_path, method):
+    """LoRA-family adapters (DoRA as use_dora, Delta-LoRA as plain LoRA) and VeRA's, in peft."""
+    peft = pytest.importorskip("peft")
+    model, cfg = adapted(tiny_model_dir, method)
+    perturb(model, scale=0.3)
+    ids = sample_ids(model.config.vocab_size)
+    ours = logits(model, ids)
+    save_adapter(model, tmp_path, cfg.to_dict(), tiny_model_dir)
+    ref = peft.PeftModel.from_pretrained(load_model(tiny_model_dir), str(tmp_path))
+    assert ref.peft_config["default"].peft_type == get_method(method).peft_type
+    assert getattr(ref.peft_config["default"], "use_dora", False) == (method == "dora")
+    torch.testing.assert_close(logits(ref, ids), ours, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ours, logits(load_model(tiny_model_dir), ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_we_load_a_peft_saved_adapter(tiny_llama_dir, tmp_path, use_dora):
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", use_dora=use_dora
+    )
     ref = peft.get_peft_model(load_model(tiny_llama_dir), config)
     perturb(ref)
     ids = sample_ids(ref.config.vocab_size)
@@ -60,7 +80,8 @@ def test_we_load_a_peft_saved_adapter(tiny_llama_dir, tmp_path):
     ref.save_pretrained(str(tmp_path))
     ours = load_model(tiny_llama_dir)
     record = load_adapter(ours, tmp_path)
-    assert record["method"] == "lora"
+    assert record["method"] == ("dora" if use_dora else "lora")
+    assert len(adapter_layers(ours)) == 4
     torch.testing.assert_close(logits(ours, ids), expected, atol=1e-5, rtol=1e-5)
 
 

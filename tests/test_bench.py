@@ -57,7 +57,12 @@ def test_bench_runs_every_variant_and_writes_table_json_plot(bench_run):
     results = report["results"]
     assert results["ours"]["trainable_params"] == results["peft-fp32"]["trainable_params"]
     assert len({r["eval_tokens"] for r in results.values()}) == 1
-    assert results["ours-fp32"]["speed"]["precision"] == "fp32"
+    assert results["ours-fp32"]["precision"] == "float32" and results["peft-bf16"]["precision"] == "bfloat16"
+    # Same batches, same init, both fp32: the two engines train the same adapter, step for step.
+    ours_losses = [loss for _, loss in results["ours-fp32"]["curve"]]
+    peft_losses = [loss for _, loss in results["peft-fp32"]["curve"]]
+    assert ours_losses == pytest.approx(peft_losses, rel=1e-3)
+    assert results["ours-fp32"]["eval_loss"] == pytest.approx(results["peft-fp32"]["eval_loss"], rel=1e-3)
     assert set(report["ratios"]) == {"peft-fp32", "peft-bf16"}
     assert report["ratios"]["peft-fp32"]["time"] == pytest.approx(
         results["ours"]["train_s"] / results["peft-fp32"]["train_s"])
@@ -151,3 +156,24 @@ def test_unknown_variant_and_missing_peft_are_clear_errors(tmp_path, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
     assert main(["bench", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "pip install -r requirements-dev.txt" in capsys.readouterr().err
+
+
+def test_the_baseline_starts_from_our_adapter_init(tiny_llama_dir):
+    peft = pytest.importorskip("peft")
+    from lora_studio.config import TrainConfig
+    from lora_studio.methods import adapter_layers, get_method, inject_adapters
+    from lora_studio.models import load_model
+
+    cfg = TrainConfig(data="x", out="x", rank=4, seed=3).resolved()
+    ours = load_model(tiny_llama_dir)
+    torch.manual_seed(cfg.seed)
+    inject_adapters(ours, get_method("lora"), cfg)
+    theirs = peft.get_peft_model(
+        load_model(tiny_llama_dir),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    assert bench.same_init_as_ours(theirs, cfg.seed) == len(adapter_layers(ours)) == 14
+    for name, layer in adapter_layers(ours).items():
+        module = theirs.base_model.model.get_submodule(name)
+        assert torch.equal(module.lora_A["default"].weight, layer.lora_A)
+        assert torch.equal(module.lora_B["default"].weight, layer.lora_B)

@@ -4,12 +4,15 @@ LoRA gradients), bf16 storage of frozen linears against autocast over fp32 weigh
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lora_studio import speed
+from lora_studio import train as train_mod
 from lora_studio.config import TrainConfig
 from lora_studio.data import IGNORE_INDEX
 from lora_studio.methods import get_method, inject_adapters, trainable_parameters
@@ -175,17 +178,28 @@ def test_packing_is_skipped_where_it_does_not_pay(tiny_llama_dir):
 # ---------------------------------------------------------------- precision
 
 
-def test_resolve_precision(monkeypatch):
+def test_cpu_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
     cpu = torch.device("cpu")
-    assert speed.resolve_precision("fp32", cpu) == "fp32"
-    assert speed.resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr(speed, "bf16_pays", lambda device: True)
-    assert speed.resolve_precision("auto", cpu) == "bf16"
-    assert speed.resolve_precision("auto", cpu, quantize="4bit") == "fp32"
-    monkeypatch.setattr(speed, "bf16_pays", lambda device: False)
-    assert speed.resolve_precision("auto", cpu) == "fp32"
-    with pytest.raises(ValueError, match="precision must be one of"):
-        speed.resolve_precision("fp16", cpu)
+    cfg = TrainConfig(data="x", out="x")
+    assert train_mod.resolve_precision(dataclasses.replace(cfg, precision="fp32"), cpu) == (None, torch.float32)
+    assert train_mod.resolve_precision(dataclasses.replace(cfg, precision="bf16"), cpu) == (torch.bfloat16, torch.float32)
+    monkeypatch.setattr(train_mod, "bf16_pays", lambda device: True)
+    assert train_mod.resolve_precision(cfg, cpu) == (torch.bfloat16, torch.float32)
+    assert train_mod.resolve_precision(dataclasses.replace(cfg, quantize="4bit"), cpu) == (None, torch.float32)
+    monkeypatch.setattr(train_mod, "bf16_pays", lambda device: False)
+    assert train_mod.resolve_precision(cfg, cpu) == (None, torch.float32)
+
+
+def test_bf16_pays_needs_native_bf16_and_a_measured_speedup(monkeypatch):
+    cpu = torch.device("cpu")
+    assert speed.cpu_bf16_speedup() > 0  # the real measurement runs (and is cached)
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(speed, "cpu_bf16_speedup", lambda: 3.0)
+    assert not speed.bf16_pays(cpu)
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: True)
+    assert speed.bf16_pays(cpu)
+    monkeypatch.setattr(speed, "cpu_bf16_speedup", lambda: 0.5)  # AVX512-BF16 without AMX: slower
+    assert not speed.bf16_pays(cpu)
 
 
 def test_bf16_storage_equals_autocast_over_fp32_weights(tiny_llama_dir):
@@ -217,30 +231,13 @@ def test_bf16_storage_equals_autocast_over_fp32_weights(tiny_llama_dir):
     assert (loose - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-def test_apply_precision_keeps_fp32_where_bf16_would_change_the_result(tiny_llama_dir):
-    method = get_method("lora")
-    for overrides, expected in [({}, True), ({"merge": True}, False)]:
-        model = load_model(tiny_llama_dir)
-        cfg = TrainConfig(data="x", out="x", rank=4, **overrides).resolved()
-        inject_adapters(model, method, cfg)
-        done = speed.apply_precision(model, "bf16", cfg, method)
-        assert (done["bf16_weights"] > 0) is expected, overrides
-    model = load_model(tiny_llama_dir)
-    inject_adapters(model, method, cfg)
-    assert speed.apply_precision(model, "fp32", cfg, method)["bf16_weights"] == 0
+def test_prepare_stores_bf16_linears_only_where_that_changes_nothing(tiny_llama_dir, train_file, tmp_path):
+    def linear_dtypes(**overrides):
+        cfg = TrainConfig(data=str(train_file), out=str(tmp_path), model=tiny_llama_dir, rank=4, **overrides).resolved()
+        model = train_mod.prepare(cfg, torch.device("cpu"))["model"]
+        return {p.dtype for name, p in model.named_parameters() if name.endswith("base.weight")}
 
-
-# ---------------------------------------------------------------- checkpointing
-
-
-def test_checkpointing_auto_turns_on_only_when_activations_crowd_memory(tiny_llama_dir, monkeypatch):
-    model = load_model(tiny_llama_dir)
-    cpu = torch.device("cpu")
-    need = speed.activation_bytes(model, 1000, "fp32")
-    assert need == speed.activation_bytes(model, 500, "fp32") * 2 == speed.activation_bytes(model, 1000, "bf16") * 2
-    monkeypatch.setattr(speed, "available_bytes", lambda device: 10 * need)
-    assert not speed.wants_checkpointing("auto", model, 1000, "fp32", cpu)
-    assert speed.wants_checkpointing("on", model, 1000, "fp32", cpu)
-    monkeypatch.setattr(speed, "available_bytes", lambda device: need)
-    assert speed.wants_checkpointing("auto", model, 1000, "fp32", cpu)
-    assert not speed.wants_checkpointing("off", model, 1000, "fp32", cpu)
+    assert linear_dtypes(precision="bf16") == {torch.bfloat16}
+    assert linear_dtypes(precision="fp32") == {torch.float32}
+    assert linear_dtypes(precision="bf16", merge=True) == {torch.float32}  # the merge needs the exact base
+    assert linear_dtypes(precision="bf16", method="delta-lora") == {torch.float32}  # it writes W0

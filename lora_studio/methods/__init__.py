@@ -15,10 +15,16 @@ from lora_studio.methods.base import (
     merge_adapters,
     trainable_parameters,
 )
+from lora_studio.methods.delta_lora import DELTA_LORA
+from lora_studio.methods.dora import DORA
 from lora_studio.methods.lora import LORA
+from lora_studio.methods.lora_fa import LORA_FA
+from lora_studio.methods.lora_plus import LORA_PLUS
+from lora_studio.methods.lora_pro import LORA_PRO
+from lora_studio.methods.vera import VERA
 
 REGISTRY: dict[str, Method] = {
-    LORA.name: LORA,
+    m.name: m for m in (LORA, DORA, VERA, LORA_PLUS, LORA_FA, LORA_PRO, DELTA_LORA)
 }
 
 

@@ -49,6 +49,10 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     if weight.__class__.__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes repacked it for its bf16 CPU kernel (absmax rounded to bf16): the
+            # NF4 codes can no longer be read back as they were. inject_adapters turns that off.
+            raise RuntimeError("this 4-bit weight was repacked for bf16 CPU inference; reload the model")
         return bnbf.dequantize_4bit(weight.data, weight.quant_state)
     return weight.T if isinstance(module, Conv1D) else weight
 
@@ -126,7 +130,7 @@ class Method:
     supports_4bit: bool = True
     """False where the method must write the base weight (Delta-LoRA)."""
     why_not_4bit: str = ""
-    """Shown when a 4-bit base is refused."""
+    """Shown when a 4-bit base is refused: why, and what to pick instead."""
     new_context: Callable[[nn.Module, list[str], Any], dict] = lambda model, names, cfg: {}
     """Builds what all layers of one model share (VeRA's frozen random matrices)."""
     build_optimizer: Callable[..., torch.optim.Optimizer] | None = None
@@ -135,6 +139,59 @@ class Method:
     """(model, cfg, step) run after every optimizer step."""
     init_changes_base: bool = False
     """True where the adapted model differs from the base at step 0 by design."""
+    uses_lr_ratio: bool = False
+    """True where B gets its own learning rate, lr * lr_ratio (LoRA+); elsewhere lr_ratio must stay 1."""
+    check: Callable[[Any], None] | None = None
+    """(cfg) -> None, raising ValueError for settings this method cannot honour (e.g. dropout)."""
+    export_state: Callable[[nn.Module, dict], dict[str, torch.Tensor]] | None = None
+    """(model, settings) -> tensors under PEFT key names; None: each layer's `peft_state()`."""
+    export_config: Callable[[nn.Module, dict, dict], dict] | None = None
+    """(model, settings, adapter_config) -> the adapter_config.json to write (VeRA's fields, Delta-LoRA's rank)."""
+    import_state: Callable[[nn.Module, dict[str, torch.Tensor], Any, list[str]], set[str]] | None = None
+    """(model, tensors, cfg, modules) -> keys used: inject and load an exported adapter; None:
+    inject this method and load each layer's tensors with `load_layer_states`."""
+
+    def option(self, cfg: Any, key: str) -> Any:
+        """A method option: `cfg.method_options[key]`, else this method's default."""
+        options = getattr(cfg, "method_options", None) or {}
+        return options[key] if key in options else self.defaults[key]
+
+    @property
+    def option_names(self) -> list[str]:
+        return sorted(k for k in self.defaults if k not in CONFIG_FIELDS)
+
+
+CONFIG_FIELDS = frozenset({"rank", "alpha", "dropout", "lr", "lr_ratio"})
+"""Method defaults that fill TrainConfig fields; every other default key is a method option."""
+
+
+def check_config(method: Method, cfg: Any) -> None:
+    """Refuse settings that cannot work with `method`, before anything is trained, saying why
+    and what to pick instead."""
+    problems = []
+    options = dict(getattr(cfg, "method_options", None) or {})
+    unknown = sorted(set(options) - set(method.option_names))
+    if unknown:
+        allowed = ", ".join(method.option_names) or "none"
+        problems.append(f"{method.name} has no option {', '.join(unknown)} (its options: {allowed})")
+    lr_ratio = getattr(cfg, "lr_ratio", None)
+    if lr_ratio not in (None, 1, 1.0) and not method.uses_lr_ratio:
+        problems.append(
+            f"lr_ratio={lr_ratio} only applies to lora-plus (B learns lr_ratio times faster); "
+            f"{method.name} trains A and B at one rate: pick --method lora-plus or drop --lr-ratio"
+        )
+    four_bit = getattr(cfg, "quantize", None) == "4bit"
+    if four_bit and not method.supports_4bit:
+        problems.append(f"{method.title} cannot train on a 4-bit base: {method.why_not_4bit}")
+    if four_bit and getattr(cfg, "merge", False):
+        problems.append(
+            "--merge cannot fold the adapter into a 4-bit base in place (the NF4 grid would round the "
+            "update away): save the adapter only, or train without --quantize to get a merged model"
+        )
+    if problems:
+        raise ValueError("; ".join(problems))
+    if method.check is not None:
+        method.check(cfg)
 
 
 def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
@@ -169,8 +226,15 @@ def find_targets(model: nn.Module, target: str | list[str]) -> list[str]:
 
 def inject_adapters(model: nn.Module, method: Method, cfg: Any) -> list[str]:
     """Freeze the model and replace each target linear with the method's adapter layer."""
+    check_config(method, cfg)
     for p in model.parameters():
         p.requires_grad_(False)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            # bitsandbytes would repack NF4 weights for a bf16 CPU kernel at the first no-grad
+            # eval call: compute then silently drops to bf16 and the weight can no longer be
+            # dequantized for DoRA's norm or a merge. Keep the configured compute dtype.
+            module.support_avx512bf16_for_cpu = False
     names = find_targets(model, cfg.target)
     context = method.new_context(model, names, cfg)
     for name in names:
@@ -209,6 +273,51 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, layer in list(adapter_layers(model).items()):
         model.set_submodule(name, layer.merged_layer())
     return model
+
+
+def load_layer_states(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "base_model.model.") -> set[str]:
+    """Load each adapter layer's tensors (PEFT key names under `prefix`); returns the keys used.
+
+    Every layer must find all its tensors: peft would skip a misnamed key silently.
+    """
+    used: set[str] = set()
+    for name, layer in adapter_layers(model).items():
+        head = f"{prefix}{name}."
+        sub = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
+        expected = set(layer.peft_state())
+        if not expected <= set(sub):
+            raise ValueError(f"layer {name} lacks {', '.join(sorted(expected - set(sub)))}")
+        layer.load_peft_state({k: sub[k] for k in expected})
+        used.update(head + k for k in expected)
+    return used
+
+
+def lora_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
+    """(A, B, scale s) of every LoRA-type adapter layer."""
+    return [(m.lora_A, m.lora_B, m.scaling) for m in adapter_layers(model).values() if hasattr(m, "lora_B")]
+
+
+class AdjustedAdamW(torch.optim.AdamW):
+    """AdamW whose `step()` first rewrites the A/B gradients (LoRA-FA's projection, LoRA-Pro's
+    correction), so the training loop calls `step()` as for any optimizer."""
+
+    def __init__(self, params: Any, pairs: list[tuple[nn.Parameter, nn.Parameter, float]], **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.pairs = pairs
+        """(A, B, scale s) of every adapted layer."""
+
+    def adjust_gradients(self) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:  # gradients first, then the rewrite, then AdamW
+            with torch.enable_grad():
+                loss = closure()
+        self.adjust_gradients()
+        super().step()
+        return loss
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
