@@ -45,11 +45,10 @@ class LoRALinear(AdapterLayer):
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A dropout(x): (..., d_in) -> (..., d_out), in the adapter's dtype."""
         z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
-        return F.linear(z * self.scaling, self.lora_B)  # (..., d_out); scaling r numbers, not d_out
+        return F.linear(z, self.lora_B) * self.scaling  # (..., d_out)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # In place: the base output is not saved for backward, so no second (..., d_out) tensor.
-        return y.add_(self.lora_term(x).to(y.dtype))
+        return y + self.lora_term(x).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A, (d_out, d_in)."""
