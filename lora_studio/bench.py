@@ -37,6 +37,7 @@ import os
 import platform
 import random
 import select
+import statistics
 import subprocess
 import sys
 import time
@@ -506,8 +507,17 @@ def ratios(ours: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
     def r(key: str) -> float:
         return ours[key] / base[key] if base.get(key) else math.nan
 
+    def step_times(result: dict[str, Any]) -> list[float]:
+        ends = [t for t, _ in result["curve"]]
+        return [b - a for a, b in zip([0.0, *ends], ends)]
+
+    # Both runs take the same batches in the same order (the default): step i of one and step i
+    # of the other did the same work, and the median of their ratios shrugs off a step that
+    # another process on the machine slowed down.
+    paired = [a / b for a, b in zip(step_times(ours), step_times(base)) if b > 0]
     return {
         "time": r("train_s"),
+        "time_paired_median": statistics.median(paired) if paired else math.nan,
         "tokens_per_s": r("tokens_per_s"),
         "memory": r("peak_mb"),
         "eval_loss": r("eval_loss"),
@@ -577,10 +587,14 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['eval_token_acc'], '.3f')} | {_fmt(r['eval_reply_acc'], '.3f')} | {load} |"
         )
     if report.get("ratios"):
-        lines += ["", "| ours / baseline | time | tokens/s | peak memory | eval loss | token acc (diff) |", "|---|---|---|---|---|---|"]
+        paired = report["job"].get("baseline_order", "ours") == "ours"
+        lines += ["", "| ours / baseline | time | step time (median of step-by-step ratios) | tokens/s | peak memory "
+                  "| eval loss | token acc (diff) |", "|---|---|---|---|---|---|---|"]
         for base, r in report["ratios"].items():
             lines.append(
-                f"| ours / {base} | {_fmt(r['time'], '.2f')}x | {_fmt(r['tokens_per_s'], '.2f')}x "
+                f"| ours / {base} | {_fmt(r['time'], '.2f')}x "
+                f"| {_fmt(r['time_paired_median'], '.2f') + 'x' if paired else '– (different batches)'} "
+                f"| {_fmt(r['tokens_per_s'], '.2f')}x "
                 f"| {_fmt(r['memory'], '.2f')}x | {_fmt(r['eval_loss'], '.3f')}x | {_fmt(r['eval_token_acc_diff'], '+.3f')} |"
             )
     if report.get("targets"):

@@ -177,3 +177,15 @@ def test_the_baseline_starts_from_our_adapter_init(tiny_llama_dir):
         module = theirs.base_model.model.get_submodule(name)
         assert torch.equal(module.lora_A["default"].weight, layer.lora_A)
         assert torch.equal(module.lora_B["default"].weight, layer.lora_B)
+
+
+def test_paired_step_ratio_ignores_a_step_slowed_by_the_machine():
+    # Step times: ours 1, 1, 9 (slowed), 1; baseline 2, 2, 2, 2.
+    ours = {"curve": [[1, 0.5], [2, 0.4], [11, 0.3], [12, 0.2]], "train_s": 12.0, "tokens_per_s": 10.0,
+            "peak_mb": 1.0, "eval_loss": 1.0, "eval_token_acc": 0.5}
+    base = {"curve": [[2, 0.5], [4, 0.4], [6, 0.3], [8, 0.2]], "train_s": 8.0, "tokens_per_s": 15.0,
+            "peak_mb": 2.0, "eval_loss": 1.0, "eval_token_acc": 0.5}
+    r = bench.ratios(ours, base)
+    assert r["time"] == pytest.approx(1.5)
+    assert r["time_paired_median"] == pytest.approx(0.5)  # ratios 0.5, 0.5, 4.5, 0.5
+    assert r["memory"] == pytest.approx(0.5)
