@@ -65,7 +65,7 @@ PEFT_MISSING = (
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from lora_studio.speed import cpu_has_native_bf16
+    from lora_studio.speed import cpu_bf16_speedup, cpu_has_native_bf16
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -79,6 +79,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_bf16_speedup": round(cpu_bf16_speedup(), 2),  # fp32 / bf16 time of one product, one core
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
@@ -564,24 +565,25 @@ def markdown(report: dict[str, Any]) -> str:
     job = report["job"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
-        + f" (native bf16: {'yes' if m['cpu_native_bf16'] else 'no'}); torch {m['torch']}; {m['date']}.",
+        + f" (native bf16: {'yes' if m['cpu_native_bf16'] else 'no'}; bf16 products at "
+        f"{m.get('cpu_bf16_speedup', float('nan')):.2f}× the fp32 rate); torch {m['torch']}; {m['date']}.",
         f"Job: model {job['model']}, {job['train_rows']} training rows ({job['data']}), {job['eval_rows']} held-out rows, "
         f"{job['epochs']} epoch(s), batch {job['batch_size']}, rank {job['rank']}, alpha {job['alpha']}, "
         f"targets {job['target']}, dropout {job['dropout']}, lr {job['lr']}, seed {job['seed']}, {job['threads']} threads; "
         + ("the baseline takes our batches in our order and starts from our adapter init."
            if job.get("baseline_order", "ours") == "ours" else "the baseline takes consecutive rows in file order."),
         "",
-        "| run | steps | train time (s) | CPU time (s) | tokens/s | peak memory (MiB) | train loss (last 5 steps) "
-        "| eval loss | eval token acc | eval reply acc | load avg before → after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | precision | steps | train time (s) | CPU time (s) | tokens/s | peak memory (MiB) "
+        "| train loss (last 5 steps) | eval loss | eval token acc | eval reply acc | load avg before → after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:200]} ||||||||||")
+            lines.append(f"| {name} | failed: {r['error'][:200]} |||||||||||")
             continue
         load = f"{_fmt((r.get('load_before') or [None])[0], '.2f')} → {_fmt((r.get('load_after') or [None])[0], '.2f')}"
         lines.append(
-            f"| {name} | {r['steps']} | {_fmt(r['train_s'], '.1f')} | {_fmt(r.get('cpu_s'), '.1f')} "
+            f"| {name} | {r.get('precision') or '–'} | {r['steps']} | {_fmt(r['train_s'], '.1f')} | {_fmt(r.get('cpu_s'), '.1f')} "
             f"| {_fmt(r['tokens_per_s'], '.0f')} "
             f"| {_fmt(r['peak_mb'], '.0f')} | {_fmt(r['final_loss'], '.4f')} | {_fmt(r['eval_loss'], '.4f')} "
             f"| {_fmt(r['eval_token_acc'], '.3f')} | {_fmt(r['eval_reply_acc'], '.3f')} | {load} |"
