@@ -39,8 +39,8 @@ LOSS_CHUNK_BYTES = 64 * 2**20
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16); oneDNN then
-    runs bf16 products several times faster than fp32 ones. Elsewhere bf16 would be emulated."""
+    """True when this CPU has bf16 multiply instructions (AVX512-BF16 or AMX-BF16); elsewhere
+    bf16 would be emulated. Whether they beat fp32 is `cpu_bf16_speedup`'s question."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to tell, stay in fp32
@@ -238,7 +238,7 @@ def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                 real = mask.bool()
                 scale = plain[real].abs().max().clamp_min(1e-6)
                 verdict = bool(((packed[real] - plain[real]).abs().max() / scale).item() < 1e-3)
-        except (TypeError, ValueError, RuntimeError, IndexError):
+        except Exception:  # noqa: BLE001 - a probe: any failure means "use the padded call"
             verdict = False
         finally:
             body.train(was_training)
@@ -255,11 +255,15 @@ def trained_hidden_states(
     Only positions up to each row's last kept one are computed (later ones, such as the EOS and
     newline a chat template ends a turn with, feed nothing that is trained), packed as a prefix
     tree (see PackPlan) when that is cheaper than the padded call. Falls back to the plain call
-    for a batch of one, under gradient checkpointing, or on a model the packed layout does not
-    reproduce.
+    for a batch of one, under gradient checkpointing, for rows longer than a sliding attention
+    window, or on a model the packed layout does not reproduce.
     """
     batch, width = input_ids.shape
-    if batch > 1 and attention_mask.dim() == 2 and not getattr(body, "gradient_checkpointing", False):
+    # A custom mask replaces the model's own, so a sliding window would not be applied: pack
+    # only rows that fit in the window.
+    window = getattr(getattr(body, "config", None), "sliding_window", None)
+    fits = not isinstance(window, int) or width <= window
+    if batch > 1 and fits and attention_mask.dim() == 2 and not getattr(body, "gradient_checkpointing", False):
         positions = torch.arange(keep.shape[1], device=keep.device)  # (T-1,)
         last = torch.where(keep, positions, -1).max(1).values  # (B,) last kept position per row
         lengths = torch.minimum(last + 1, attention_mask.sum(1)).tolist()
@@ -315,8 +319,8 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` (N × V logits) against `targets` (N,).
 
-    A frozen nn.Linear head takes the chunked path above; a trainable or unusual head (a
-    4-bit or Conv1D head, logit post-processing) gets the plain computation.
+    A frozen nn.Linear head takes the chunked path above; a trainable or 4-bit head gets the
+    plain computation.
     """
     weight = getattr(head, "weight", None)
     plain = (

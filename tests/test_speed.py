@@ -241,3 +241,18 @@ def test_prepare_stores_bf16_linears_only_where_that_changes_nothing(tiny_llama_
     assert linear_dtypes(precision="fp32") == {torch.float32}
     assert linear_dtypes(precision="bf16", merge=True) == {torch.float32}  # the merge needs the exact base
     assert linear_dtypes(precision="bf16", method="delta-lora") == {torch.float32}  # it writes W0
+
+
+def test_rows_longer_than_a_sliding_window_are_not_packed(tiny_llama_dir, monkeypatch):
+    model = _lora_model(tiny_llama_dir).eval()
+    batch = _batch(model.config.vocab_size)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    calls = []
+    real = speed._packed_forward
+    monkeypatch.setattr(speed, "_packed_forward", lambda b, plan: calls.append(plan) or real(b, plan))
+    model.base_model.config.sliding_window = 10  # the custom mask would bypass it: rows are 20 long
+    speed.trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+    assert calls == []
+    model.base_model.config.sliding_window = 4096
+    speed.trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+    assert calls and calls[-1].lengths == [18, 19, 14, 16]
