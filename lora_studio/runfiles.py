@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from lora_studio.redact import redact
+
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
 CONTROL = "control.json"
@@ -56,6 +58,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:
     path = Path(run_dir) / STATUS
+    for key in ("error", "log_tail", "message"):  # free text that may quote a token
+        if key in fields:
+            fields[key] = redact(fields[key])
     status = read_json(path)
     status.update(fields, state=state, updated_at=time.time())
     write_json_atomic(path, status)

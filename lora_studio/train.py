@@ -22,6 +22,7 @@ states and the data position from the last checkpoint and continues bit for bit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -55,6 +56,7 @@ from lora_studio.checkpoint import (
     write_rank_rng,
 )
 from lora_studio.config import TrainConfig
+from lora_studio.redact import redact
 from lora_studio.data import (
     IGNORE_INDEX,
     build_datasets,
@@ -326,10 +328,10 @@ def train(
         with _signals_request_stop() as signalled:
             return _train(cfg, run_dir, env, on_step, should_stop, resume, signalled)
     except BaseException as e:  # noqa: BLE001 - every failure must end in a truthful status
+        with contextlib.suppress(OSError):  # the disk may be the thing that failed
+            (run_dir / ("error.log" if env.main else f"error-rank{env.rank}.log")).write_text(redact(traceback.format_exc()))
         if not env.main:
-            (run_dir / f"error-rank{env.rank}.log").write_text(traceback.format_exc())
             raise
-        (run_dir / "error.log").write_text(traceback.format_exc())
         if isinstance(e, KeyboardInterrupt):
             write_status(run_dir, "aborted", error="interrupted (Ctrl-C)", finished_at=time.time())
             raise
@@ -353,9 +355,16 @@ OOM_ADVICE = (
 
 
 def human_error(e: BaseException) -> str:
-    text = str(e) or e.__class__.__name__
+    text = redact(str(e) or e.__class__.__name__)
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return OOM_ADVICE
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        what = "is read-only" if e.errno == errno.EROFS else "is full"
+        where = f" writing {Path(e.filename).name}" if e.filename else ""
+        return (
+            f"the disk {what}{where} ({text}). Free space or fix the folder's permissions, then resume: "
+            "the last good checkpoint is kept"
+        )
     return text
 
 
