@@ -12,6 +12,7 @@ from typing import Any
 from lora_studio.config import TrainConfig
 from lora_studio.data.formats import FORMATS
 from lora_studio.methods import REGISTRY
+from lora_studio.redact import redact
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -125,7 +126,10 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = TrainConfig.load(args.config).to_dict() if args.config else {}
+    try:
+        base = TrainConfig.load(args.config).to_dict() if args.config else {}
+    except (ValueError, TypeError) as e:  # binary junk, not JSON, not an object
+        raise ValueError(f"--config {args.config}: not a LoRA Studio config.json ({e})") from None
     names = set(TrainConfig.__dataclass_fields__) - {"method_options"}
     for name in names:
         value = getattr(args, name, None)
@@ -216,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not status:  # a DDP rank other than 0
         return 0
     if status.get("state") == "failed":
-        print(f"training failed: {status.get('error')}", file=sys.stderr)
+        print(f"training failed: {redact(status.get('error'))}", file=sys.stderr)
         return 1
     print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")
     return 0
@@ -296,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "runs":
             return cmd_runs(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback (LORA_STUDIO_DEBUG=1 shows it)
+        if os.environ.get("LORA_STUDIO_DEBUG"):
+            raise
+        print(f"error: {redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2

@@ -97,6 +97,8 @@ def check_model_spec(spec: str) -> None:
         bundled_gguf_dir()
         return
     path = Path(spec)
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+        raise ValueError(f"model folder {spec!r} does not exist (a Hub id is owner/name)")
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model {spec!r} is a file; give a folder saved by save_pretrained")
@@ -110,6 +112,7 @@ def check_model_spec(spec: str) -> None:
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_spec(spec)  # a folder without weights: say so, not what the tokenizer trips on
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
     except OSError as e:

@@ -412,6 +412,11 @@ class _Loop:
         self.tokenizer = parts["tokenizer"]
         self.examples = parts["examples"]
         self.val_examples = parts.get("val_examples") or []
+        if not cfg.packing and cfg.batch_size > len(self.examples):  # every step the same full batch: a typo
+            raise ValueError(
+                f"invalid training settings: batch_size ({cfg.batch_size}) is larger than the data "
+                f"({len(self.examples)} training examples); use a batch size of {len(self.examples)} or less"
+            )
         self.device: torch.device = parts["device"]
         self.method = get_method(cfg.method)
         self.autocast_dtype, _ = resolve_precision(cfg, self.device)
