@@ -1,0 +1,55 @@
+"""The page: a header and one tab per step of the journey (Data, Train, Runs, Compare, Export)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lora_studio.ui.common import Studio, dropdown_update
+from lora_studio.ui.compare_tab import build_compare_tab
+from lora_studio.ui.export_tab import build_export_tab
+from lora_studio.ui.settings import AppSettings
+
+CSS = """
+.token-trained { background: #c8f7c5; border-bottom: 2px solid #2e9d2a; }
+.token-masked { color: #888; }
+.token-eos { background: #ffd966; font-weight: bold; }
+"""
+
+
+def build_app(settings: AppSettings | None = None) -> gr.Blocks:
+    settings = settings or AppSettings.from_env()
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    studio = Studio(settings)
+    with gr.Blocks(title="LoRA Studio") as demo:
+        gr.Markdown(
+            "# LoRA Studio\nFine-tune a language model from your browser: "
+            "**Data** → **Train** → **Runs** → **Compare** → **Export**."
+        )
+        with gr.Tabs(elem_id="tabs"):
+            build_compare_tab(studio)
+            build_export_tab(studio)
+        run_pickers = [c for c in demo.blocks.values() if getattr(c, "elem_id", None) in ("compare-run", "export-run")]
+        demo.load(
+            lambda *current: [dropdown_update(studio.runs(need_adapter=True), c) for c in current],
+            run_pickers,
+            run_pickers,
+            api_visibility="undocumented",
+            queue=False,
+        )
+    demo.studio = studio  # type: ignore[attr-defined]  # for tests and app.py
+    return demo
+
+
+def launch(settings: AppSettings, **kwargs) -> None:
+    """Serve the app: queue on (one training start and one generation at a time), login if set."""
+    demo = build_app(settings)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        auth=settings.auth,
+        max_file_size=settings.max_upload,
+        css=CSS,
+        footer_links=["api", "gradio"],
+        **kwargs,
+    )

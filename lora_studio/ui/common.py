@@ -1,0 +1,90 @@
+"""What every tab shares: the Studio context (settings, chat engine, runner), run lookup
+and small conversions between gradio values and plain Python."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lora_studio.chat import ChatEngine
+from lora_studio.train import read_status
+from lora_studio.ui.settings import AppSettings
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class Studio:
+    """One per app process: shared by every visitor's session."""
+
+    settings: AppSettings
+    chat: ChatEngine = field(default_factory=ChatEngine)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.settings.runs_dir
+
+    def run_dir(self, run_id: str | None, need_adapter: bool = False) -> Path:
+        """The folder of a run picked in a dropdown, refusing ids that could leave the runs folder."""
+        if not run_id:
+            raise gr.Error("Pick a run first (train one in the Train tab).")
+        if not RUN_ID.match(run_id):
+            raise gr.Error(f"{run_id!r} is not a run id")
+        path = self.runs_dir / run_id
+        if not (path / "config.json").exists() and not (path / "status.json").exists():
+            raise gr.Error(f"run {run_id} not found in {self.runs_dir}")
+        if need_adapter and not (path / "adapter" / "adapter_config.json").exists():
+            raise gr.Error(f"run {run_id} has no saved adapter yet (it is saved when training ends or stops)")
+        return path
+
+    def runs(self, need_adapter: bool = False) -> list[tuple[str, str]]:
+        """(label, run id) of every run, newest first."""
+        if not self.runs_dir.exists():
+            return []
+        folders = [p for p in self.runs_dir.iterdir() if p.is_dir() and RUN_ID.match(p.name)]
+        folders = [p for p in folders if (p / "config.json").exists() or (p / "status.json").exists()]
+        if need_adapter:
+            folders = [p for p in folders if (p / "adapter" / "adapter_config.json").exists()]
+        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return [(run_label(p), p.name) for p in folders]
+
+
+def run_label(run_dir: Path) -> str:
+    status = read_status(run_dir)
+    method = ""
+    if (run_dir / "config.json").exists():
+        method = json.loads((run_dir / "config.json").read_text()).get("method", "")
+    parts = [run_dir.name]
+    if method:
+        parts.append(method)
+    if status.get("state"):
+        parts.append(f"{status['state']} at step {status.get('step', 0)}")
+    return " · ".join(parts)
+
+
+def message_text(content: Any) -> str:
+    """A chat message's text, whatever shape gradio hands it in (str, parts, dict)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def plain_messages(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """Chatbot value -> [{"role", "content": str}] for the chat template."""
+    return [{"role": m["role"], "content": message_text(m.get("content"))} for m in history or []]
+
+
+def dropdown_update(choices: list[tuple[str, str]], current: str | None) -> dict[str, Any]:
+    """Refresh a run dropdown, keeping the current pick when it still exists."""
+    ids = [value for _, value in choices]
+    value = current if current in ids else (ids[0] if ids else None)
+    return gr.update(choices=choices, value=value)
