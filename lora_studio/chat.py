@@ -37,8 +37,10 @@ class _StopFlag:
 class ChatEngine:
     """Holds at most one run's model (loading another run replaces it) and streams replies."""
 
-    def __init__(self, device: str | None = None) -> None:
+    def __init__(self, device: str | None = None, wait_s: float = 600.0) -> None:
         self.device = device
+        self.wait_s = wait_s
+        """How long a reply waits for the one before it (a stuck reader must not block chat forever)."""
         self.lock = threading.Lock()
         self._run_dir: Path | None = None
         self._model: TunedModel | None = None
@@ -46,7 +48,7 @@ class ChatEngine:
     def model_for(self, run_dir: str | Path) -> TunedModel:
         """The run's model, loaded on first use (the previous run's model is dropped first)."""
         run_dir = Path(run_dir).resolve()
-        with self.lock:
+        with self._locked():
             if self._model is None or self._run_dir != run_dir:
                 self._model = None  # free the old weights before loading the new ones
                 self._run_dir = None
@@ -54,8 +56,17 @@ class ChatEngine:
                 self._run_dir = run_dir
             return self._model
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self.lock.acquire(timeout=self.wait_s):
+            raise TimeoutError("the model is busy with another reply; try again in a moment")
+        try:
+            yield
+        finally:
+            self.lock.release()
+
     def unload(self) -> None:
-        with self.lock:
+        with self._locked():
             self._model = None
             self._run_dir = None
 
@@ -75,7 +86,7 @@ class ChatEngine:
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         tm = self.model_for(run_dir)
-        with self.lock:
+        with self._locked():
             ids = tm.messages_ids(messages)
             streamer = TextIteratorStreamer(tm.tokenizer, skip_prompt=True, skip_special_tokens=True)
             stop = _StopFlag()

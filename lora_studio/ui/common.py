@@ -3,11 +3,13 @@ and small conversions between gradio values and plain Python."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -88,3 +90,30 @@ def dropdown_update(choices: list[tuple[str, str]], current: str | None) -> dict
     ids = [value for _, value in choices]
     value = current if current in ids else (ids[0] if ids else None)
     return gr.update(choices=choices, value=value)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, KeyError)
+
+
+def friendly(fn: Callable) -> Callable:
+    """Show the user's own mistakes (bad file, missing run, busy model) as a message on the
+    page instead of gradio's bare "Error"; anything else is a bug and stays an error."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                raise gr.Error(str(e)) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+
+    return wrapper

@@ -14,8 +14,7 @@ import pandas as pd
 
 from lora_studio.chat import describe_votes, read_votes, record_vote
 from lora_studio.compare import GenerationSettings, read_prompts
-from lora_studio.data import DataError
-from lora_studio.ui.common import Studio, dropdown_update, plain_messages
+from lora_studio.ui.common import Studio, dropdown_update, friendly, plain_messages
 
 BATCH_COLUMNS = ["prompt", "base", "tuned"]
 
@@ -24,6 +23,7 @@ def _settings(temperature: float, top_p: float, max_tokens: float) -> Generation
     return GenerationSettings(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
 
 
+@friendly
 def _run_defaults(studio: Studio, run_id: str | None) -> tuple[Any, Any, Any, str]:
     """Generation settings saved with the run (where it has them) and a line about the run."""
     if not run_id:
@@ -91,6 +91,8 @@ def _side_by_side(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider])
         send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
 
+    @friendly
+
     def chat(run_id, text, base_hist, tuned_hist, temperature, top_p, max_tokens) -> Iterator[tuple]:
         if not (text or "").strip():
             raise gr.Error("Type a message first.")
@@ -139,6 +141,8 @@ def _blind(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
     tally = gr.Markdown(elem_id="blind-tally")
     tuned_side = gr.State(None)  # "A" or "B" for the pending prompt; None once voted
 
+    @friendly
+
     def ask_both(run_id, text, temperature, top_p, max_tokens):
         if not (text or "").strip():
             raise gr.Error("Type a prompt first.")
@@ -151,6 +155,8 @@ def _blind(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
             replies[is_tuned] = studio.chat.reply(run_dir, messages, tuned=is_tuned, settings=settings)
         a, b = (replies[True], replies[False]) if side == "A" else (replies[False], replies[True])
         return a, b, side, "Which answer is better?"
+
+    @friendly
 
     def vote(run_id, side, choice):
         if side is None:
@@ -190,14 +196,13 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
     table = gr.Dataframe(headers=BATCH_COLUMNS, label="Base vs tuned", wrap=True, elem_id="batch-table")
     csv = gr.File(label="CSV", elem_id="batch-csv", interactive=False)
 
+    @friendly
+
     def run_batch(run_id, path, temperature, top_p, max_tokens):
         run_dir = studio.run_dir(run_id, need_adapter=True)
         if not path:
             raise gr.Error("Upload a prompts file first.")
-        try:
-            prompts = read_prompts(path)
-        except DataError as e:
-            raise gr.Error(str(e)) from None
+        prompts = read_prompts(path)
         settings = _settings(temperature, top_p, max_tokens)
         rows: list[dict[str, str]] = []
         for prompt in prompts:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from lora_studio import export
-from lora_studio.ui.common import Studio, dropdown_update
+from lora_studio.ui.common import Studio, dropdown_update, friendly
 
 
 def build_export_tab(studio: Studio) -> None:
@@ -40,9 +40,13 @@ def build_export_tab(studio: Studio) -> None:
         with gr.Accordion("Model card", open=False):
             card = gr.Code(language="markdown", label="README.md", elem_id="export-card", interactive=False)
 
+        @friendly
+
         def build_zip(run_id):
             path = export.zip_adapter(studio.run_dir(run_id, need_adapter=True))
             return str(path)
+
+        @friendly
 
         def merge(run_id, offer_zip):
             run_dir = studio.run_dir(run_id, need_adapter=True)
@@ -58,6 +62,8 @@ def build_export_tab(studio: Studio) -> None:
                 # The field is cleared either way: the token is never sent back to the page.
                 return "", f"**Push failed:** {e}"
             return "", f"Pushed the {what} to [{url}]({url})."
+
+        @friendly
 
         def show_card(run_id):
             if not run_id:
