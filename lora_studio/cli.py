@@ -1,9 +1,10 @@
-"""Command line: `python -m lora_studio train|compare ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|runs ...` (headless, same engine as the UI)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,20 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="run model code from the Hub repo (only for repos you trust)",
     )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
+    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="save a resumable checkpoint every N steps (0: only on stop)")
+    p.add_argument("--eval-every", type=int, dest="eval_every", help="validation loss every N steps (0: at the end)")
+    p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
+    p.add_argument(
+        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
+    )
+
+
+def _runs_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list the runs in a runs folder: state, method, step, loss")
+    p.add_argument("--runs-dir", dest="runs_dir", help="default: $LORA_STUDIO_RUNS_DIR or ./runs")
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,23 +98,98 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's own config: a resume continues exactly the run that was started."""
+    given = [n for n in TrainConfig.__dataclass_fields__ if getattr(args, n, None) not in (None, [])]
+    if args.config or given or args.option:
+        raise SystemExit("--resume continues a run as it was configured; drop the other training flags")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").exists():
+        raise SystemExit(f"--resume {run_dir}: not a run folder (no config.json)")
+    cfg = TrainConfig.load(run_dir / "config.json")
+    cfg.out = str(run_dir)
+    return cfg
+
+
+def _gpu_count(spec: str) -> int:
+    if spec == "auto":
+        import torch
+
+        return torch.cuda.device_count()  # reads NVML; does not initialize CUDA here
+    try:
+        return int(spec)
+    except ValueError:
+        raise SystemExit(f"--gpus {spec!r}: expected a number or auto") from None
+
+
+def _relaunch_under_torchrun(n: int, argv: list[str]) -> None:
+    """Replace this process by torchrun running the same command on n GPUs (same pid)."""
+    rest = []
+    skip = False
+    for a in argv:  # drop --gpus: the ranks must not relaunch themselves
+        if skip:
+            skip = False
+            continue
+        if a == "--gpus":
+            skip = True
+            continue
+        if a.startswith("--gpus="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lora_studio", *rest]
+    print("running on", n, "GPUs:", " ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def progress_line(row: dict[str, Any], total: int | None) -> str:
+    frac = row.get("progress", 0.0)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    line = (
+        f"[{bar}] {row['step']:>5}/{total or '?'}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
+        f"{row['tokens_per_s']:.0f} tok/s  rss {row['rss_mb']:.0f} MiB  eta {row['eta_s']:.0f}s"
+    )
+    if "eval_loss" in row:
+        line += f"  eval {row['eval_loss']:.4f}"
+    return line
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from lora_studio.runfiles import clear_control, read_status
     from lora_studio.train import train
 
-    cfg = config_from_args(args)
+    cfg = _resume_config(args) if args.resume else config_from_args(args)
+    n_gpus = _gpu_count(args.gpus)
+    if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_under_torchrun(n_gpus, args.argv)
+    if args.resume:
+        clear_control(cfg.out)  # the stop request that ended the previous life of the run
 
     def progress(row: dict[str, Any]) -> None:
-        print(
-            f"step {row['step']:>5}  loss {row['loss']:.4f}  lr {row['lr']:.2e}  "
-            f"{row['tokens_per_s']:.0f} tok/s  rss {row['rss_mb']:.0f} MiB  eta {row['eta_s']:.0f}s",
-            flush=True,
-        )
+        print(progress_line(row, read_status(cfg.out).get("total_steps")), flush=True)
 
-    status = train(cfg, on_step=progress)
+    status = train(cfg, on_step=progress, resume=bool(args.resume))
+    if not status:  # a DDP rank other than 0
+        return 0
     if status.get("state") == "failed":
         print(f"training failed: {status.get('error')}", file=sys.stderr)
         return 1
     print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from lora_studio.runner import Runner
+
+    runs = Runner(args.runs_dir).list_runs()
+    if not runs:
+        print(f"no runs in {Runner(args.runs_dir).runs_dir}")
+        return 0
+    print(f"{'run':<36} {'state':<9} {'method':<11} {'step':>11} {'loss':>8}  note")
+    for r in runs:
+        step = f"{r.get('step') or 0}/{r.get('total_steps') or '?'}"
+        loss = f"{r['loss']:.4f}" if isinstance(r.get("loss"), (int, float)) else "-"
+        note = r.get("error") or (f"queue position {r['queue_position']}" if r.get("queue_position") else "")
+        print(f"{r['run_id']:<36} {r.get('state', '?'):<9} {r.get('method') or '-':<11} {step:>11} {loss:>8}  {note}")
     return 0
 
 
@@ -124,12 +214,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _compare_parser(sub)
+    _runs_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         if args.command == "train":
             return cmd_train(args)
         if args.command == "compare":
             return cmd_compare(args)
+        if args.command == "runs":
+            return cmd_runs(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,6 +64,21 @@ class TrainConfig:
     """`4bit` stores the base in NF4 (QLoRA). None: full precision."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options only one method reads (e.g. VeRA's `d_initial`, Delta-LoRA's `start_step`)."""
+    grad_accum_steps: int = 1
+    """Split each optimizer step's `batch_size` sequences into this many micro-batches run one
+    after another (same update, less activation memory). Must not exceed `batch_size`."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them: about a
+    third slower, activation memory from one per block to one block's worth."""
+    precision: str = "auto"
+    """`auto` (bf16 autocast on a GPU that has it, else fp16 on GPU, fp32 on CPU), `fp32`,
+    `bf16` or `fp16` (GPU only). With bf16 on a GPU the frozen base is also stored in bf16."""
+    checkpoint_every: int = 50
+    """Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N
+    optimizer steps; 0 saves only when the run stops or ends."""
+    eval_every: int = 50
+    """Compute the validation loss every N optimizer steps and at the last step (when there is
+    validation data); 0: only at the last step."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +144,19 @@ class TrainConfig:
             problems.append(f"max_steps must be at least 1 (got {self.max_steps})")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if self.grad_accum_steps < 1:
+            problems.append(f"grad_accum_steps must be at least 1 (got {self.grad_accum_steps})")
+        elif self.grad_accum_steps > self.batch_size:
+            problems.append(
+                f"grad_accum_steps ({self.grad_accum_steps}) cannot exceed batch_size ({self.batch_size}): "
+                "each micro-batch needs at least one sequence"
+            )
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be auto, fp32, bf16 or fp16 (got {self.precision!r})")
+        if self.checkpoint_every < 0:
+            problems.append(f"checkpoint_every must be 0 or more (got {self.checkpoint_every})")
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be 0 or more (got {self.eval_every})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
         if problems:

@@ -1,72 +1,73 @@
 """The training loop: one plain loop (nanoGPT-style) that the CLI and the background runner share.
 
-A run folder receives:
+A run folder receives (see runfiles.py for the formats):
   config.json     the resolved TrainConfig (reload it to repeat the run)
-  status.json     {"state": running|done|failed|stopped, "step", "total_steps", "error", ...}
-  metrics.jsonl   one JSON object per optimizer step
+  status.json     {"state": running|done|stopped|aborted|failed, "step", "total_steps", "error", ...}
+  metrics.jsonl   one JSON object per optimizer step (eval_loss on evaluation steps)
+  checkpoints/    the last resumable checkpoint (every `checkpoint_every` steps and on stop)
   adapter/        PEFT-format adapter files (+ our record of method, template, EOS)
   merged/         the merged full model, with --merge
+
+Batches: `batch_size` sequences per optimizer step, whatever the hardware. They are split over
+the DDP ranks (under torchrun) and then into `grad_accum_steps` micro-batches; every
+micro-batch's summed token loss is divided by the trained-token count of the whole step, so
+the update equals the one of the unsplit batch (up to float summation order).
+
+Stopping: the loop reads RUN/control.json before each step (`stop`: save a checkpoint and the
+adapter of the current step; `abort`: leave without saving); SIGTERM and a first Ctrl-C are
+a `stop`. Resuming (`train(cfg, resume=True)`) restores adapter, optimizer, scheduler, RNG
+states and the data position from the last checkpoint and continues bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
+import signal
+import sys
+import threading
 import time
 import traceback
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from lora_studio.adapters import save_adapter
+from lora_studio.checkpoint import (
+    checkpoint_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_model_tensors,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    tmp_dir,
+    write_rank_rng,
+)
 from lora_studio.config import TrainConfig
 from lora_studio.data import IGNORE_INDEX, collate, length_grouped_batches, load_conversations, tokenize_all
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
 from lora_studio.models import base_model_id, load_model, load_tokenizer
+from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
+    METRICS,
+    hostname,
+    read_control,
+    read_metrics,
+    read_status,
+    truncate_metrics,
+    write_json_atomic,
+    write_status,
+)
 
 StepCallback = Callable[[dict[str, Any]], None]
-
-
-# ---------------------------------------------------------------- run folder files
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
-def write_status(run_dir: Path, state: str, **fields: Any) -> None:
-    path = run_dir / "status.json"
-    status = json.loads(path.read_text()) if path.exists() else {}
-    status.update(fields, state=state, updated_at=time.time())
-    write_json_atomic(path, status)
-
-
-def read_status(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def read_metrics(run_dir: str | Path, since: int = 0) -> list[dict[str, Any]]:
-    """Metric rows with step > since (a half-written last line is skipped)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if row.get("step", 0) > since:
-            rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------- memory
@@ -116,6 +117,22 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return loss, int(keep.sum())
 
 
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Trained positions of a collated batch, counted as `causal_lm_loss` counts them."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class _SummedLoss(nn.Module):
+    """`causal_lm_loss` as a module, so DistributedDataParallel's forward hooks see it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch)[0]
+
+
 # ---------------------------------------------------------------- optimizer and schedule
 
 
@@ -143,6 +160,91 @@ def plan_steps(cfg: TrainConfig, n_batches: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
+# ---------------------------------------------------------------- precision and devices
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
+    """(autocast dtype or None, dtype the frozen base is loaded in)."""
+    precision = cfg.precision
+    if device.type != "cuda":
+        if precision == "fp16":
+            raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
+        return (torch.bfloat16 if precision == "bf16" else None), torch.float32
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return None, torch.float32
+    if precision == "fp16":  # fp32 master weights in the base too: fp16 weights overflow easily
+        return torch.float16, torch.float32
+    # A method that writes the base after each step (Delta-LoRA) needs it in full precision.
+    writes_base = get_method(cfg.method).after_step is not None
+    return torch.bfloat16, (torch.float32 if writes_base else torch.bfloat16)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing: works with a frozen input embedding and with DDP."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in a torchrun job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group torchrun describes in the environment (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistEnv()
+    env = DistEnv(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return env
+
+
+def split_evenly(items: list[int], parts: int) -> list[list[int]]:
+    """`parts` contiguous chunks whose sizes differ by at most one (some empty if items are few)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (1 if k < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def shard_batch(ids: list[int], env: DistEnv, accum: int) -> list[list[int]]:
+    """This rank's micro-batches of one optimizer step's batch (empty ones dropped).
+
+    Ranks take every world-th sample of the length-sorted batch, so their sequences are
+    about as long as each other's; micro-batches are contiguous runs, so lengths within
+    one are similar (little padding).
+    """
+    mine = ids[env.rank :: env.world]
+    return [chunk for chunk in split_evenly(mine, accum) if chunk]
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -155,7 +257,8 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     conversations = load_conversations(cfg.data, cfg.system_prompt)
     examples = tokenize_all(tokenizer, conversations, cfg.max_seq_len)
-    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize)
+    _, base_dtype = resolve_precision(cfg, device)
+    model = load_model(cfg.model, dtype=base_dtype, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize)
     model.to(device)
     torch.manual_seed(cfg.seed)  # adapter init
     names = inject_adapters(model, method, cfg)
@@ -166,109 +269,402 @@ def train(
     cfg: TrainConfig,
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run one training job into `cfg.out`; returns the final status. Never raises for a
-    failed run: the error is written to status.json and returned."""
+    failed run: the error is written to status.json and returned.
+
+    `resume=True` continues from the last checkpoint in `cfg.out` (from step 0 if there is
+    none). Under torchrun every rank calls this; only rank 0 writes the run folder.
+    """
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    env = DistEnv()
     try:
+        env = init_distributed()
         cfg = cfg.resolved()
-        cfg.save(run_dir / "config.json")
-        write_status(run_dir, "running", pid=os.getpid(), started_at=time.time(), step=0, error=None)
-        return _train(cfg, run_dir, on_step, should_stop)
-    except Exception as e:  # noqa: BLE001 - every failure must end in a truthful status
+        if env.main:
+            cfg.save(run_dir / "config.json")
+            write_status(
+                run_dir, "running", pid=os.getpid(), pid_started=_process_started(), host=hostname(), started_at=time.time(),
+                error=None, finished_at=None, world_size=env.world, method=cfg.method, model=cfg.model,
+            )
+        with _signals_request_stop() as signalled:
+            return _train(cfg, run_dir, env, on_step, should_stop, resume, signalled)
+    except BaseException as e:  # noqa: BLE001 - every failure must end in a truthful status
+        if not env.main:
+            (run_dir / f"error-rank{env.rank}.log").write_text(traceback.format_exc())
+            raise
         (run_dir / "error.log").write_text(traceback.format_exc())
-        write_status(run_dir, "failed", error=human_error(e))
+        if isinstance(e, KeyboardInterrupt):
+            write_status(run_dir, "aborted", error="interrupted (Ctrl-C)", finished_at=time.time())
+            raise
+        write_status(run_dir, "failed", error=human_error(e), finished_at=time.time())
         return read_status(run_dir)
+    finally:
+        if env.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _process_started() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+OOM_ADVICE = (
+    "out of memory: lower the batch size or the max sequence length, raise grad_accum_steps, "
+    "turn on gradient checkpointing, or use a 4-bit base (--quantize 4bit)"
+)
 
 
 def human_error(e: BaseException) -> str:
     text = str(e) or e.__class__.__name__
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        return (
-            "out of memory: lower the batch size or the max sequence length, "
-            "or use a 4-bit base (--quantize 4bit)"
-        )
+        return OOM_ADVICE
     return text
 
 
+@contextlib.contextmanager
+def _signals_request_stop() -> Iterator[dict[str, str | None]]:
+    """SIGTERM, and a first Ctrl-C, ask the loop to stop and save; a second Ctrl-C aborts."""
+    flag: dict[str, str | None] = {"action": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        flag["action"] = "stop"
+
+    def on_int(signum: int, frame: Any) -> None:
+        if flag["action"]:
+            raise KeyboardInterrupt
+        flag["action"] = "stop"
+        print("stopping after this step and saving; Ctrl-C again aborts", file=sys.stderr, flush=True)
+
+    old = signal.signal(signal.SIGTERM, on_term), signal.signal(signal.SIGINT, on_int)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, old[0])
+        signal.signal(signal.SIGINT, old[1])
+
+
+@dataclass
+class Position:
+    """Where the loop is: enough to regenerate the data order and skip what was done."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_s: float = 0.0
+
+
+class _Loop:
+    """One training run's state; `run()` is the loop. Split out so resume and DDP stay readable."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, env: DistEnv, parts: dict[str, Any]) -> None:
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.model: nn.Module = parts["model"]
+        self.tokenizer = parts["tokenizer"]
+        self.examples = parts["examples"]
+        self.val_examples = parts.get("val_examples") or []
+        self.device: torch.device = parts["device"]
+        self.method = get_method(cfg.method)
+        self.autocast_dtype, _ = resolve_precision(cfg, self.device)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.epoch_start_state = self.generator.get_state()
+        self.lengths = [len(e.input_ids) for e in self.examples]
+        self.batches_per_epoch = math.ceil(len(self.examples) / cfg.batch_size)
+        self.total_steps = plan_steps(cfg, self.batches_per_epoch)
+        self.scheduler = linear_schedule(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.params = list(trainable_parameters(self.model).values())
+        self.loss_module: nn.Module = _SummedLoss(self.model)
+        if env.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.loss_module = DistributedDataParallel(
+                self.loss_module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # buffers are identical on every rank and never trained
+            )
+        self.pos = Position()
+        self.last_checkpoint = -1
+
+    # ------------------------------------------------ collectives (no-ops on one process)
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.env.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def _from_main(self, value: int) -> int:
+        if self.env.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.broadcast(t, 0)
+        return int(t.item())
+
+    def _barrier(self) -> None:
+        if self.env.world > 1:
+            dist.barrier()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------ one step
+
+    def step(self, ids: list[int]) -> dict[str, Any]:
+        """One optimizer step over the global batch `ids`; returns the metric row's numbers."""
+        cfg = self.cfg
+        micro = [collate([self.examples[i] for i in chunk], self.tokenizer.pad_token_id) for chunk in shard_batch(ids, self.env, cfg.grad_accum_steps)]
+        weights = [1.0] * len(micro)
+        if not micro:  # fewer samples than ranks: join the gradient all-reduce with a zero loss
+            micro, weights = [collate([self.examples[ids[0]]], self.tokenizer.pad_token_id)], [0.0]
+        n_local = sum(count_targets(b) for b, w in zip(micro, weights) if w)
+        tokens_local = sum(int(b["attention_mask"].sum()) for b, w in zip(micro, weights) if w)
+        n_global, tokens_global = self._all_sum([n_local, tokens_local])
+        # DDP averages gradients over ranks; multiplying by world makes that average a sum.
+        factor = self.env.world / max(1.0, n_global)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k, (batch, weight) in enumerate(zip(micro, weights)):
+            batch = {key: v.to(self.device) for key, v in batch.items()}
+            last = k == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.env.world == 1 else self.loss_module.no_sync()
+            with sync:
+                with self._autocast():
+                    summed = self.loss_module(batch)
+                scaled = summed * (factor * weight)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += summed.detach().double() * weight
+        (loss_total,) = self._all_sum([float(loss_sum)])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.method.after_step is not None:
+            self.method.after_step(self.model, cfg, self.pos.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return {
+            "loss": loss_total / max(1.0, n_global),
+            "lr": lrs[0],
+            "lrs": lrs,
+            "grad_norm": float(grad_norm),
+            "tokens": int(tokens_global),
+            "trained_tokens": int(n_global),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean token loss over the validation examples (each rank takes its share)."""
+        if not self.val_examples:
+            return None
+        self.model.eval()
+        order = sorted(range(len(self.val_examples)), key=lambda i: len(self.val_examples[i].input_ids))
+        mine = order[self.env.rank :: self.env.world]
+        size = max(1, self.cfg.batch_size // self.cfg.grad_accum_steps)
+        total = count = 0.0
+        for start in range(0, len(mine), size):
+            batch = collate([self.val_examples[i] for i in mine[start : start + size]], self.tokenizer.pad_token_id)
+            with self._autocast():
+                loss, n = causal_lm_loss(self.model, {k: v.to(self.device) for k, v in batch.items()})
+            total += float(loss)
+            count += n
+        total, count = self._all_sum([total, count])
+        self.model.train()
+        return total / max(1.0, count)
+
+    # ------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        step = self.pos.step
+        folder = tmp_dir(self.run_dir, step)
+        if self.env.main and folder.exists():  # left by a crash during an earlier save
+            import shutil
+
+            shutil.rmtree(folder)
+        self._barrier()
+        write_rank_rng(folder, self.env.rank, rng_state(self.device, self.epoch_start_state))
+        self._barrier()
+        if self.env.main:
+            optim = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            }
+            save_checkpoint(self.run_dir, step, checkpoint_tensors(self.model, self.method), optim, {**asdict(self.pos), "world_size": self.env.world})
+            write_status(self.run_dir, "running", checkpoint_step=step)
+        self.last_checkpoint = step
+
+    def restore(self) -> int | None:
+        """Load the last checkpoint, if any; returns its step."""
+        folder = latest_checkpoint(self.run_dir)
+        if folder is None:
+            return None
+        saved = load_checkpoint(folder, self.env.rank, self.device)
+        restore_model_tensors(self.model, saved["model"], self.method)
+        self.optimizer.load_state_dict(saved["optimizer"]["optimizer"])
+        self.scheduler.load_state_dict(saved["optimizer"]["scheduler"])
+        if self.scaler is not None and saved["optimizer"].get("scaler"):
+            self.scaler.load_state_dict(saved["optimizer"]["scaler"])
+        state = saved["state"]
+        self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"], state["elapsed_s"])
+        self.epoch_start_state = saved["rng"]["data_epoch_start"]
+        self.generator.set_state(self.epoch_start_state)
+        set_rng_state(saved["rng"], self.device)
+        self.last_checkpoint = self.pos.step
+        return self.pos.step
+
+
 def _train(
-    cfg: TrainConfig, run_dir: Path, on_step: StepCallback | None, should_stop: Callable[[], bool] | None
+    cfg: TrainConfig,
+    run_dir: Path,
+    env: DistEnv,
+    on_step: StepCallback | None,
+    should_stop: Callable[[], bool] | None,
+    resume: bool,
+    signalled: dict[str, str | None],
 ) -> dict[str, Any]:
-    parts = prepare(cfg)
-    model, tokenizer, examples, device = parts["model"], parts["tokenizer"], parts["examples"], parts["device"]
-    method = get_method(cfg.method)
-    trainable, total = count_parameters(model)
-    optimizer = build_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    lengths = [len(e.input_ids) for e in examples]
-    batches_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total_steps = plan_steps(cfg, batches_per_epoch)
-    scheduler = linear_schedule(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    write_status(
-        run_dir,
-        "running",
-        total_steps=total_steps,
-        trainable_params=trainable,
-        total_params=total,
-        n_examples=len(examples),
-        n_truncated=sum(e.truncated for e in examples),
-    )
-    model.train()
-    params = list(trainable_parameters(model).values())
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    start = time.perf_counter()
-    step = 0
-    state = "done"
-    while step < total_steps:
-        for batch_ids in length_grouped_batches(lengths, cfg.batch_size, generator):
-            if step >= total_steps:
-                break
-            if should_stop is not None and should_stop():
-                state = "stopped"
+    parts = prepare(cfg, env.device())
+    loop = _Loop(cfg, run_dir, env, parts)
+    trainable, total = count_parameters(loop.model)
+    resumed_from = loop.restore() if resume else None
+    if env.main:
+        if resumed_from is None:
+            (run_dir / METRICS).write_text("")
+        else:
+            truncate_metrics(run_dir, resumed_from)
+        write_status(
+            run_dir,
+            "running",
+            step=loop.pos.step,
+            total_steps=loop.total_steps,
+            trainable_params=trainable,
+            total_params=total,
+            n_examples=len(loop.examples),
+            n_val_examples=len(loop.val_examples),
+            n_truncated=sum(e.truncated for e in loop.examples),
+            resumed_from=resumed_from,
+            device=str(loop.device),
+            precision=str(loop.autocast_dtype or torch.float32).replace("torch.", ""),
+            memory_estimate=_estimate(cfg, loop),
+        )
+    return _run(loop, on_step, should_stop, signalled)
+
+
+def _estimate(cfg: TrainConfig, loop: _Loop) -> dict[str, Any] | None:
+    """The memory estimate for this run's largest batch; never fails the run."""
+    try:
+        from lora_studio.memory import estimate_for_examples
+
+        return estimate_for_examples(cfg, loop.model, loop.examples, loop.device, loop.env.world).to_dict()
+    except Exception as e:  # noqa: BLE001 - an estimate is advice, not a requirement
+        return {"error": f"no estimate: {e}"}
+
+
+def _stop_request(loop: _Loop, should_stop: Callable[[], bool] | None, signalled: dict[str, str | None]) -> str | None:
+    """`stop`, `abort` or None, decided on rank 0 and shared, so every rank leaves together."""
+    code = 0
+    if loop.env.main:
+        action = signalled["action"] or read_control(loop.run_dir)
+        if action is None and should_stop is not None and should_stop():
+            action = "stop"
+        code = {"stop": 1, "abort": 2}.get(action or "", 0)
+    code = loop._from_main(code)
+    return {1: "stop", 2: "abort"}.get(code)
+
+
+def _run(
+    loop: _Loop, on_step: StepCallback | None, should_stop: Callable[[], bool] | None, signalled: dict[str, str | None]
+) -> dict[str, Any]:
+    cfg, run_dir, env, pos = loop.cfg, loop.run_dir, loop.env, loop.pos
+    metrics_path = run_dir / METRICS
+    session_start, session_first_step = time.perf_counter(), pos.step
+    elapsed_before = pos.elapsed_s
+    final = "done"
+    loop.model.train()
+    while pos.step < loop.total_steps and final == "done":
+        if pos.batch_in_epoch == 0:
+            loop.epoch_start_state = loop.generator.get_state()
+        batches = length_grouped_batches(loop.lengths, cfg.batch_size, loop.generator)
+        while pos.batch_in_epoch < len(batches) and pos.step < loop.total_steps:
+            action = _stop_request(loop, should_stop, signalled)
+            if action is not None:
+                final = "stopped" if action == "stop" else "aborted"
                 break
             t0 = time.perf_counter()
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_ids], tokenizer.pad_token_id).items()}
-            loss_sum, n_tokens = causal_lm_loss(model, batch)
-            loss = loss_sum / max(1, n_tokens)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-            lrs = [group["lr"] for group in optimizer.param_groups]
-            optimizer.step()
-            if method.after_step is not None:
-                method.after_step(model, cfg, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
+            row = loop.step(batches[pos.batch_in_epoch])
+            pos.batch_in_epoch += 1
+            pos.step += 1
             now = time.perf_counter()
-            elapsed = now - start
+            pos.elapsed_s = elapsed_before + (now - session_start)
+            done_here = pos.step - session_first_step
             row = {
-                "step": step,
-                "epoch": step / batches_per_epoch,
-                "loss": loss.item(),
-                "lr": lrs[0],
-                "lrs": lrs,
-                "grad_norm": float(grad_norm),
-                "tokens": int(batch["attention_mask"].sum()),
-                "trained_tokens": n_tokens,
-                "tokens_per_s": float(batch["attention_mask"].sum()) / max(now - t0, 1e-9),
-                "elapsed_s": elapsed,
-                "eta_s": elapsed / step * (total_steps - step),
-                "progress": step / total_steps,
-                **memory_stats(device),
+                "step": pos.step,
+                "epoch": pos.step / loop.batches_per_epoch,
+                **row,
+                "tokens_per_s": row["tokens"] / max(now - t0, 1e-9),
+                "elapsed_s": pos.elapsed_s,
+                "eta_s": (now - session_start) / done_here * (loop.total_steps - pos.step),
+                "progress": pos.step / loop.total_steps,
+                **memory_stats(loop.device),
             }
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            write_status(run_dir, "running", step=step)
-            if on_step is not None:
-                on_step(row)
-        if state == "stopped":
-            break
-    model.eval()
+            if (cfg.eval_every and pos.step % cfg.eval_every == 0) or pos.step == loop.total_steps:
+                eval_loss = loop.evaluate()
+                if eval_loss is not None:
+                    row["eval_loss"] = eval_loss
+            if env.main:  # the row goes first: a resume truncates rows past its checkpoint
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                status = {"step": pos.step, "loss": row["loss"], "peak_rss_mb": row["peak_rss_mb"]}
+                if "eval_loss" in row:
+                    status["eval_loss"] = row["eval_loss"]
+                if "cuda_peak_mb" in row:
+                    status["cuda_peak_mb"] = row["cuda_peak_mb"]
+                write_status(run_dir, "running", **status)
+                if on_step is not None:
+                    on_step(row)
+            if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.step < loop.total_steps:
+                loop.save_checkpoint()
+        if pos.batch_in_epoch >= len(batches):
+            pos.epoch += 1
+            pos.batch_in_epoch = 0
+    loop.model.eval()
+    if final == "aborted":
+        if env.main:
+            write_status(run_dir, "aborted", step=pos.step, finished_at=time.time(), error=None)
+        return read_status(run_dir) if env.main else {}
+    if final == "stopped" and pos.step > loop.last_checkpoint and pos.step > 0:
+        loop.save_checkpoint()
+    if env.main and pos.step > 0:
+        _save_outputs(loop, pos.step)
+    if env.main:
+        fields: dict[str, Any] = {"step": pos.step, "finished_at": time.time()}
+        if pos.step > 0:
+            fields["adapter"] = str(run_dir / "adapter")
+        write_status(run_dir, final, **fields)
+    return read_status(run_dir) if env.main else {}
+
+
+def _save_outputs(loop: _Loop, step: int) -> None:
+    cfg, tokenizer = loop.cfg, loop.tokenizer
     save_adapter(
-        model,
-        run_dir / "adapter",
+        loop.model,
+        loop.run_dir / "adapter",
         cfg.to_dict(),
         base_model_id(cfg.model),
         extra={
@@ -280,9 +676,7 @@ def _train(
         },
     )
     if cfg.merge:
-        save_merged(model, tokenizer, run_dir / "merged")
-    write_status(run_dir, state, step=step, finished_at=time.time(), adapter=str(run_dir / "adapter"))
-    return read_status(run_dir)
+        save_merged(loop.model, tokenizer, loop.run_dir / "merged")
 
 
 def save_merged(model: nn.Module, tokenizer: Any, out_dir: Path) -> Path:

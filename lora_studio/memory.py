@@ -1,0 +1,315 @@
+"""Memory estimate before training: what a run will need, by part, from the model's config alone.
+
+    peak ≈ weights + adapter · (1 param + 1 grad + 2 AdamW moments) + activations + logits
+           + workspace + runtime
+
+* weights: every base parameter at its dtype's size (fp32 4 B, bf16 2 B); with `quantize=4bit`
+  the block linears take 4.13 bits (NF4 + double-quantized block constants), the rest bf16.
+* adapter: trainable parameters counted exactly, by injecting the method into the model built
+  on the `meta` device (no weights are read). Kept in fp32.
+* activations: the tensors autograd saves for backward at the largest micro-batch
+  (batch_size / (grad_accum_steps · GPUs) sequences of the longest length). Per token and
+  block, for a LLaMA-style block (RMSNorm, SDPA attention, gated MLP) with hidden h, key/value
+  width kv, heads n, MLP width i:  6h + 2kv + n + 4i + 2 elements, plus r per adapted linear;
+  for a GPT-2-style block (LayerNorm, plain MLP):  8h + n + 5i + 4 (+2h with residual dropout,
+  + 3·n·T instead of n when attention runs on the unfused path: CPU with attention dropout).
+  The layer inputs that only the adapter keeps (2h + i) are dropped for LoRA-FA; VeRA adds
+  r + d_out and DoRA 2·d_out per adapted linear; adapter dropout adds d_in (+1 byte mask).
+  With gradient checkpointing: h per block, plus one block recomputed during its backward.
+* logits: the LM head runs on trained positions only: 3 · N_trained · vocab · 4 B (the fp32
+  logits, log-softmax saved for backward, and its gradient).
+* workspace: what the backward and the allocator add on top of the saved tensors (gradients
+  flowing through each block, freed intermediates the allocator keeps): 1.0 × activations
+  on CPU (measured, see below); 0.25 × on CUDA.
+* runtime: Python, torch, transformers and tokenizers in a CPU process (400 MB); on a GPU the
+  CUDA context (about 500 MB) is outside torch's counters and not part of `total_mb`.
+
+`total_mb` is the number to put next to the measured peak: peak process RSS on CPU
+(`peak_rss_mb` in the metrics), `cuda_peak_mb` (torch.cuda.max_memory_allocated) on a GPU.
+
+Checked against measurements (scripts/memory_check.py prints the table; LoRA r=16 all-linear):
+  saved activations, counted with autograd's saved-tensor hooks: the formula is within 1% on
+  the tiny LLaMA and GPT-2 of the tests and on SmolLM2-135M (tests/test_memory.py holds it to
+  ±10% on the tiny models). Peak RSS on CPU, SmolLM2-135M (bundled), 10 steps of
+  examples/json_answers.jsonl: see docs/memory.md for the table: error within ±15% from batch
+  1 to 16, with and without gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_studio.config import TrainConfig
+
+MB = 2**20
+CPU_RUNTIME_MB = 400.0
+CUDA_CONTEXT_MB = 500.0
+NF4_BYTES_PER_PARAM = 4.127 / 8
+NON_GATED = {"gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_bigcode", "opt", "bloom", "falcon", "phi", "codegen", "starcoder2"}
+
+
+@dataclass
+class MemoryEstimate:
+    """An estimate in MiB, by part. `total_mb` compares with the measured peak (see module doc)."""
+
+    device: str
+    weights_mb: float
+    adapter_mb: float
+    gradients_mb: float
+    optimizer_mb: float
+    activations_mb: float
+    logits_mb: float
+    workspace_mb: float
+    runtime_mb: float
+    trainable_params: int
+    total_params: int
+    micro_batch: int
+    seq_len: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_mb(self) -> float:
+        parts = (
+            self.weights_mb + self.adapter_mb + self.gradients_mb + self.optimizer_mb
+            + self.activations_mb + self.logits_mb + self.workspace_mb
+        )
+        return parts + (self.runtime_mb if self.device == "cpu" else 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total_mb": self.total_mb}
+
+    def summary(self) -> str:
+        where = "peak RSS" if self.device == "cpu" else "peak CUDA memory"
+        return (
+            f"~{self.total_mb / 1024:.2f} GiB {where}: weights {self.weights_mb:.0f} MiB, adapter+grads+optimizer "
+            f"{self.adapter_mb + self.gradients_mb + self.optimizer_mb:.0f} MiB, activations "
+            f"{self.activations_mb + self.logits_mb + self.workspace_mb:.0f} MiB"
+            + (f", runtime {self.runtime_mb:.0f} MiB" if self.device == "cpu" else "")
+        )
+
+
+@dataclass
+class Arch:
+    """The few numbers of a decoder that the activation formula needs."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    gated: bool
+    gelu_tanh: bool
+    attn_dropout: float
+    resid_dropout: float
+    attn_impl: str
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Arch":
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+        def first(*names: str, default: Any = None) -> Any:
+            for n in names:
+                v = getattr(c, n, None)
+                if v is not None:
+                    return v
+            return default
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        heads = first("num_attention_heads", "n_head")
+        head_dim = first("head_dim", default=hidden // heads)
+        kv_heads = first("num_key_value_heads", default=heads)
+        return cls(
+            hidden=hidden,
+            layers=first("num_hidden_layers", "n_layer"),
+            heads=heads,
+            kv_dim=kv_heads * head_dim,
+            intermediate=first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+            vocab=c.vocab_size,
+            gated=getattr(c, "model_type", "") not in NON_GATED,
+            gelu_tanh=first("activation_function", "hidden_act", default="") in ("gelu_new", "gelu_fast"),
+            attn_dropout=float(first("attn_pdrop", "attention_dropout", default=0.0) or 0.0),
+            resid_dropout=float(first("resid_pdrop", "hidden_dropout", default=0.0) or 0.0),
+            attn_impl=str(getattr(c, "_attn_implementation", None) or "sdpa"),
+        )
+
+
+@dataclass
+class AdaptedLinear:
+    name: str
+    d_in: int
+    d_out: int
+
+
+def _input_group(name: str, d_in: int, arch: Arch) -> str:
+    """Which saved input an adapted linear shares: attention in/out, MLP in, MLP middle."""
+    last = name.rsplit(".", 1)[-1]
+    parent = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    if d_in == arch.intermediate and d_in != arch.hidden:
+        return "mlp_mid"
+    if last in ("o_proj", "out_proj", "dense") or (last == "c_proj" and "attn" in parent):
+        return "attn_out"
+    if last in ("gate_proj", "up_proj", "fc1", "c_fc", "w1", "w3", "dense_h_to_4h", "gate_up_proj"):
+        return "mlp_in"
+    if last == "c_proj" or last in ("down_proj", "fc2", "w2", "dense_4h_to_h"):
+        return "mlp_mid"
+    return "attn_in"
+
+
+def activation_elements_per_token(
+    arch: Arch, layer_linears: list[AdaptedLinear], method: str, rank: int, dropout: float, seq_len: int, device: str
+) -> float:
+    """Elements autograd saves per token for one block (see the module docstring)."""
+    h, kv, n, i = arch.hidden, arch.kv_dim, arch.heads, arch.intermediate
+    math_attention = arch.attn_impl == "eager" or (device == "cpu" and arch.attn_dropout > 0)
+    attn_softmax = n * seq_len * (1 + 2 * (arch.attn_dropout > 0)) if math_attention else n
+    if arch.gated:
+        # 2 RMSNorms (input + rsqrt), q and k/v for attention, attention output,
+        # MLP: gate, up, act(gate) and the product (the down input, counted as an adapter input).
+        base = 2 * (h + 1) + h + 2 * kv + h + attn_softmax + 3 * i
+    else:
+        # 2 LayerNorms (input, mean, rstd), q, k, v, attention output, MLP hidden (+tanh-GELU parts).
+        base = 2 * (h + 2) + 4 * h + attn_softmax + (4 * i if arch.gelu_tanh else 1 * i)
+        if arch.resid_dropout > 0:
+            base += 2 * h
+    sizes = {"attn_in": h, "attn_out": 0, "mlp_in": h, "mlp_mid": i}
+    groups = {_input_group(lin.name, lin.d_in, arch) for lin in layer_linears}
+    keeps_input = method != "lora-fa"
+    adapter = sum(sizes[g] for g in groups) if keeps_input else 0
+    for lin in layer_linears:
+        adapter += rank if method != "vera" else 2 * rank + lin.d_out
+        if method == "dora":
+            adapter += 2 * lin.d_out
+        if dropout > 0 and keeps_input:
+            adapter += lin.d_in * 1.25  # the dropped copy (fp32) and its bool mask
+    return base + adapter
+
+
+def _build_meta(cfg: TrainConfig) -> nn.Module:
+    """The model with its adapter, on the meta device: shapes and counts, no memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_studio.methods import get_method, inject_adapters
+    from lora_studio.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        inject_adapters(model, get_method(cfg.method), cfg)
+    return model
+
+
+def _adapted_linears(model: nn.Module) -> list[AdaptedLinear]:
+    from lora_studio.methods import adapter_layers
+
+    return [AdaptedLinear(name, layer.in_features, layer.out_features) for name, layer in adapter_layers(model).items()]
+
+
+def _first_block(linears: list[AdaptedLinear], layers: int) -> list[AdaptedLinear]:
+    """The adapted linears of one block (the one with the most), for the per-block formula."""
+    by_block: dict[str, list[AdaptedLinear]] = {}
+    for lin in linears:
+        parts = lin.name.split(".")
+        idx = next((k for k, p in enumerate(parts) if p.isdigit()), None)
+        key = ".".join(parts[: idx + 1]) if idx is not None else ""
+        by_block.setdefault(key, []).append(lin)
+    return max(by_block.values(), key=len) if by_block else []
+
+
+def _weight_bytes(model: nn.Module, cfg: TrainConfig, base_dtype: torch.dtype, linears: list[AdaptedLinear]) -> float:
+    """Bytes of the frozen base: measured on a real model, computed on a meta one."""
+    from lora_studio.methods import trainable_parameters
+
+    trainable = {id(p) for p in trainable_parameters(model).values()}
+    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    if frozen and not frozen[0].is_meta:
+        storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in frozen}
+        return float(sum(storages.values()))
+    size = torch.finfo(base_dtype).bits // 8
+    numel = sum(p.numel() for p in frozen)
+    if cfg.quantize != "4bit":
+        return float(numel * size)
+    quantized = sum(lin.d_in * lin.d_out for lin in linears)  # bitsandbytes takes the block linears
+    return (numel - quantized) * size + quantized * NF4_BYTES_PER_PARAM
+
+
+def estimate(
+    cfg: TrainConfig,
+    *,
+    seq_len: int | None = None,
+    trained_tokens: int | None = None,
+    device: str | torch.device | None = None,
+    world: int = 1,
+    model: nn.Module | None = None,
+) -> MemoryEstimate:
+    """Estimate the peak memory of training `cfg` (see the module docstring for the parts).
+
+    `seq_len` is the padded length of the largest batch (default `max_seq_len`, the worst
+    case); `trained_tokens` the positions with a loss in that micro-batch (default: half of
+    them). `model` is an already built model with its adapter (else one is built on `meta`).
+    """
+    from lora_studio.methods import count_parameters
+    from lora_studio.train import resolve_precision
+
+    cfg = cfg.resolved()
+    device_t = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    built = model if model is not None else _build_meta(cfg)
+    arch = Arch.from_config(built.config)
+    linears = _adapted_linears(built)
+    trainable, total = count_parameters(built)
+    autocast, base_dtype = resolve_precision(cfg, device_t)
+    seq = min(seq_len or cfg.max_seq_len, cfg.max_seq_len)
+    micro = max(1, math.ceil(cfg.batch_size / (cfg.grad_accum_steps * max(1, world))))
+    tokens = micro * seq
+    trained = trained_tokens if trained_tokens is not None else tokens // 2
+    elem = 2 if autocast is not None else 4
+    per_block = activation_elements_per_token(
+        arch, _first_block(linears, arch.layers), cfg.method, cfg.rank, cfg.dropout, seq, device_t.type
+    )
+    notes = []
+    if cfg.gradient_checkpointing:
+        saved = arch.layers * arch.hidden + per_block  # block inputs + one block recomputed
+    else:
+        saved = arch.layers * per_block
+    saved += arch.hidden + 2  # the final norm
+    activations = tokens * saved * elem + (micro * seq * seq if micro > 1 else 0)  # + the padding mask (bool)
+    logits = 3 * trained * arch.vocab * 4
+    if trained_tokens is None:
+        notes.append("assumed half of the tokens are trained (response-only masking)")
+    if not arch.gated and arch.hidden is None:  # pragma: no cover - unknown layout
+        notes.append("unknown architecture: activation formula of a LLaMA-style block")
+    adapter = trainable * 4
+    workspace = activations * (1.0 if device_t.type == "cpu" else 0.25)
+    return MemoryEstimate(
+        device=device_t.type,
+        weights_mb=_weight_bytes(built, cfg, base_dtype, linears) / MB,
+        adapter_mb=adapter / MB,
+        gradients_mb=adapter / MB,
+        optimizer_mb=2 * adapter / MB,
+        activations_mb=activations / MB,
+        logits_mb=logits / MB,
+        workspace_mb=workspace / MB,
+        runtime_mb=CPU_RUNTIME_MB if device_t.type == "cpu" else CUDA_CONTEXT_MB,
+        trainable_params=trainable,
+        total_params=total,
+        micro_batch=micro,
+        seq_len=seq,
+        notes=notes,
+    )
+
+
+def estimate_for_examples(
+    cfg: TrainConfig, model: nn.Module, examples: list[Any], device: torch.device, world: int = 1
+) -> MemoryEstimate:
+    """The estimate for the largest micro-batch of this data (the loop groups by length)."""
+    micro = max(1, math.ceil(cfg.batch_size / (cfg.grad_accum_steps * max(1, world))))
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:micro]
+    seq = len(longest[0].input_ids) if longest else cfg.max_seq_len
+    trained = sum(sum(1 for t in e.labels[1:] if t != -100) for e in longest)
+    return estimate(cfg, seq_len=seq, trained_tokens=trained, device=device, world=world, model=model)

@@ -1,0 +1,111 @@
+"""The files of a run folder, read and written without torch (the runner's supervisor and the
+UI's polling import only this).
+
+    RUN/config.json     the resolved TrainConfig
+    RUN/status.json     {"state", "step", "total_steps", "loss", "error", "pid", ...}; atomic writes
+    RUN/metrics.jsonl   one JSON object per optimizer step (eval_loss on evaluation steps)
+    RUN/control.json    written by `stop`: {"action": "stop" | "abort"}; the loop reads it each step
+    RUN/train.log       the worker's stdout and stderr (runner-started runs)
+    RUN/checkpoints/    the last good resumable checkpoint (see checkpoint.py)
+    RUN/adapter/        the PEFT-format adapter, written when the run ends or is stopped
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+STATUS = "status.json"
+METRICS = "metrics.jsonl"
+CONTROL = "control.json"
+LOG = "train.log"
+
+QUEUED = "queued"
+STARTING = "starting"
+RUNNING = "running"
+DONE = "done"
+STOPPED = "stopped"
+ABORTED = "aborted"
+FAILED = "failed"
+ACTIVE_STATES = (STARTING, RUNNING)
+FINAL_STATES = (DONE, STOPPED, ABORTED, FAILED)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write then rename; the temporary name is unique so two writers never share one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:
+    path = Path(run_dir) / STATUS
+    status = read_json(path)
+    status.update(fields, state=state, updated_at=time.time())
+    write_json_atomic(path, status)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / STATUS)
+
+
+def read_metrics(run_dir: str | Path, since: int = 0) -> list[dict[str, Any]]:
+    """Metric rows with step > since (a half-written last line is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) > since:
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
+    """Keep the rows up to `last_step` (a resume continues from there)."""
+    path = Path(run_dir) / METRICS
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def request_stop(run_dir: str | Path, save: bool = True) -> None:
+    write_json_atomic(Path(run_dir) / CONTROL, {"action": "stop" if save else "abort", "at": time.time()})
+
+
+def read_control(run_dir: str | Path) -> str | None:
+    """`stop`, `abort` or None. Called every step: one stat() when there is no request."""
+    path = Path(run_dir) / CONTROL
+    if not path.exists():
+        return None
+    action = read_json(path).get("action")
+    return action if action in ("stop", "abort") else "stop"
+
+
+def clear_control(run_dir: str | Path) -> None:
+    (Path(run_dir) / CONTROL).unlink(missing_ok=True)
+
+
+def hostname() -> str:
+    return socket.gethostname()
