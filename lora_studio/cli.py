@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_studio train|compare|runs ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|runs|inspect ...` (headless, same engine as the UI)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_studio.config import TrainConfig
+from lora_studio.data.formats import FORMATS
 from lora_studio.methods import REGISTRY
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model on an instruction file")
     p.add_argument("--config", help="a config.json from an earlier run (flags given override it)")
-    p.add_argument("--data", help="training file (JSONL with instruction/input/output)")
+    p.add_argument("--data", help="training data: JSONL/JSON/CSV/TSV/Parquet file or Hub owner/name[:config][@split]")
     p.add_argument("--out", help="run folder to write")
     p.add_argument("--model", help="bundled, a Hub id, or a local folder (default bundled)")
     p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
@@ -34,6 +35,13 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-ratio", type=float, dest="warmup_ratio")
     p.add_argument("--weight-decay", type=float, dest="weight_decay")
     p.add_argument("--system-prompt", dest="system_prompt")
+    _data_format_args(p)
+    p.add_argument("--val-data", dest="val_data", help="a second file held out for the eval loss")
+    p.add_argument("--val-fraction", type=float, dest="val_fraction", help="fraction of rows held out for the eval loss")
+    p.add_argument("--packing", action="store_true", default=None, help="pack samples into full rows (no cross-attention)")
+    p.add_argument(
+        "--drop-invalid", action="store_true", default=None, dest="drop_invalid", help="drop bad rows instead of refusing"
+    )
     p.add_argument("--rslora", action="store_true", default=None, dest="use_rslora")
     p.add_argument("--quantize", choices=["4bit"])
     p.add_argument("--merge", action="store_true", default=None, help="also save a merged model")
@@ -59,6 +67,38 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def _runs_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("runs", help="list the runs in a runs folder: state, method, step, loss")
     p.add_argument("--runs-dir", dest="runs_dir", help="default: $LORA_STUDIO_RUNS_DIR or ./runs")
+
+
+def _columns(text: str) -> dict[str, str]:
+    from lora_studio.data import DataError, parse_columns
+
+    try:
+        return parse_columns(text)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _data_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        help="row format (default: detected from the columns)",
+    )
+    p.add_argument(
+        "--columns", type=_columns, metavar="FIELD=COLUMN,...", help="map your columns, e.g. instruction=question,output=answer"
+    )
+
+
+def _inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="validate a data file and show what the model would be trained on")
+    p.add_argument("--data", required=True, help="JSONL/JSON/CSV/TSV/Parquet file or Hub owner/name[:config][@split]")
+    p.add_argument("--model", default="bundled", help="whose tokenizer and chat template to render with (default bundled)")
+    _data_format_args(p)
+    p.add_argument("--system-prompt", dest="system_prompt")
+    p.add_argument("--max-seq-len", type=int, default=512, dest="max_seq_len")
+    p.add_argument("--samples", type=int, default=3, help="rendered samples to print")
+    p.add_argument("--rows", type=int, default=5, help="first rows to print as a table")
+    p.add_argument("--trust-remote-code", action="store_true", dest="trust_remote_code")
 
 
 def _compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -209,6 +249,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Exit status 0 when the data trains as it is, 1 when rows have errors."""
+    from lora_studio.data import inspect_data
+    from lora_studio.models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    preview = inspect_data(
+        args.data,
+        tokenizer,
+        fmt=args.format,
+        columns=args.columns,
+        system_prompt=args.system_prompt,
+        max_seq_len=args.max_seq_len,
+        n_rows=args.rows,
+        n_samples=args.samples,
+    )
+    if preview.rows is not None and args.rows:
+        print(preview.rows.to_string(index=False, max_colwidth=60))
+    print(preview.text())
+    return 0 if preview.report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_studio", description="LoRA Studio, headless")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     _compare_parser(sub)
     _runs_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
+    _inspect_parser(sub)
     args = parser.parse_args(argv)
     args.argv = argv
     try:
@@ -225,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_compare(args)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ from typing import Any
 @dataclass
 class TrainConfig:
     data: str = ""
-    """Training data: a local file (JSONL with instruction/input/output, ...)."""
+    """Training data: a JSONL, JSON, CSV, TSV or Parquet file, or a Hub dataset `owner/name[:config][@split]`."""
     out: str = ""
     """Run folder: config, metrics, status and the adapter are written here."""
     model: str = "bundled"
@@ -62,6 +62,18 @@ class TrainConfig:
     """Also save a merged full model in RUN/merged after training."""
     quantize: str | None = None
     """`4bit` stores the base in NF4 (QLoRA). None: full precision."""
+    format: str | None = None
+    """Row format: alpaca, messages, sharegpt, prompt-completion or text. None: detected from the columns."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Our field name -> the file's column, e.g. {"instruction": "question", "output": "answer"}."""
+    val_data: str | None = None
+    """A second file (or Hub split) held out for the eval loss; excludes val_fraction."""
+    val_fraction: float = 0.0
+    """Fraction of the training rows held out for the eval loss (0: none)."""
+    packing: bool = False
+    """Pack several samples per row (no cross-sample attention) instead of padding them."""
+    drop_invalid: bool = False
+    """Drop rows with errors (and duplicate rows), counting them; False refuses such data."""
     method_options: dict[str, Any] = field(default_factory=dict)
     """Options only one method reads (e.g. VeRA's `d_initial`, Delta-LoRA's `start_step`)."""
     grad_accum_steps: int = 1
@@ -157,6 +169,14 @@ class TrainConfig:
             problems.append(f"checkpoint_every must be 0 or more (got {self.checkpoint_every})")
         if self.eval_every < 0:
             problems.append(f"eval_every must be 0 or more (got {self.eval_every})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val_fraction must be in [0, 1) (got {self.val_fraction})")
+        if self.val_data and self.val_fraction:
+            problems.append("give val_data or val_fraction, not both")
+        from lora_studio.data.formats import FORMATS
+
+        if self.format not in (None, *FORMATS):
+            problems.append(f"format must be one of {', '.join(FORMATS)} or unset (got {self.format!r})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
         if problems:

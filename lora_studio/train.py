@@ -53,7 +53,15 @@ from lora_studio.checkpoint import (
     write_rank_rng,
 )
 from lora_studio.config import TrainConfig
-from lora_studio.data import IGNORE_INDEX, collate, length_grouped_batches, load_conversations, tokenize_all
+from lora_studio.data import (
+    IGNORE_INDEX,
+    build_datasets,
+    check_packing,
+    collate,
+    length_grouped_batches,
+    model_inputs,
+    pack_examples,
+)
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
 from lora_studio.models import base_model_id, load_model, load_tokenizer
 from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
@@ -106,11 +114,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     post_processes_logits = any(
         getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
     )
+    inputs = model_inputs(batch)  # packed batches: position ids instead of the 2D mask
     if post_processes_logits or not hasattr(model, "base_model") or model.base_model is model:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**inputs).logits
         logits = logits[:, :-1][keep]  # (N, V)
     else:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        hidden = model.base_model(**inputs)
         hidden = hidden.last_hidden_state[:, :-1][keep]  # (N, H)
         logits = model.get_output_embeddings()(hidden)  # (N, V)
     loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
@@ -255,14 +264,24 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
     if cfg.quantize == "4bit" and not method.supports_4bit:
         raise ValueError(f"{method.title} cannot train on a 4-bit base: {method.why_not_4bit}")
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    conversations = load_conversations(cfg.data, cfg.system_prompt)
-    examples = tokenize_all(tokenizer, conversations, cfg.max_seq_len)
+    examples, val_examples, report = build_datasets(cfg, tokenizer)
     _, base_dtype = resolve_precision(cfg, device)
     model = load_model(cfg.model, dtype=base_dtype, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize)
     model.to(device)
+    if cfg.packing:
+        check_packing(model)
+        examples = pack_examples(examples, cfg.max_seq_len)
     torch.manual_seed(cfg.seed)  # adapter init
     names = inject_adapters(model, method, cfg)
-    return {"model": model, "tokenizer": tokenizer, "examples": examples, "device": device, "targets": names}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "examples": examples,
+        "val_examples": val_examples,
+        "data_report": report,
+        "device": device,
+        "targets": names,
+    }
 
 
 def train(
@@ -540,6 +559,8 @@ def _train(
     signalled: dict[str, str | None],
 ) -> dict[str, Any]:
     parts = prepare(cfg, env.device())
+    if env.main:
+        write_json_atomic(run_dir / "data_report.json", parts["data_report"].to_dict())
     loop = _Loop(cfg, run_dir, env, parts)
     trainable, total = count_parameters(loop.model)
     resumed_from = loop.restore() if resume else None
@@ -557,7 +578,7 @@ def _train(
             total_params=total,
             n_examples=len(loop.examples),
             n_val_examples=len(loop.val_examples),
-            n_truncated=sum(e.truncated for e in loop.examples),
+            n_truncated=parts["data_report"].n_truncated,
             resumed_from=resumed_from,
             device=str(loop.device),
             precision=str(loop.autocast_dtype or torch.float32).replace("torch.", ""),

@@ -1,0 +1,274 @@
+"""Reading rows from wherever the user's data lives: a local or uploaded file (JSONL, JSON,
+CSV, TSV, Parquet) or a Hub dataset (`owner/name`, with an optional config and split).
+
+Parsing is left to libraries (the json module, pandas, pyarrow, `datasets`); this module
+only decides which one to call, numbers the rows the way the user sees them, and turns
+their failures into `DataError`s that name the file.
+
+Row numbers: JSONL -> the line number; CSV/TSV -> the spreadsheet row (the header is row 1,
+the first record row 2); JSON, Parquet and Hub data -> the 1-based record number.
+
+Text is decoded with `surrogateescape`, so bytes that are not UTF-8 survive as lone
+surrogates and validation can name the exact row and field that holds them instead of
+refusing the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_studio.data.problems import DataError, Problem, fatal
+
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+# owner/name, optionally :config and @split (neither ':' nor '@' can appear in a Hub repo id)
+HUB_SPEC = re.compile(r"^(?:hf://datasets/|hub:)?(?P<name>[\w.-]+(?:/[\w.-]+)?)(?::(?P<config>[\w.-]+))?(?:@(?P<split>[\w.\[\]:%-]+))?$")
+
+
+@dataclass
+class RawData:
+    """The rows of one source, before any format is applied."""
+
+    source: str
+    """Name used in messages (the file path as given, or the Hub dataset id)."""
+    kind: str
+    """jsonl, json, csv, tsv, parquet or hub."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """The records that could be read, as plain Python values."""
+    row_numbers: list[int] = field(default_factory=list)
+    """Where each record lies in the source (see the module docstring)."""
+    problems: list[Problem] = field(default_factory=list)
+    """Records that could not be read at all (a JSONL line that is not JSON, ...)."""
+
+    @property
+    def columns(self) -> list[str]:
+        """Every key seen, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            for key in row:
+                seen.setdefault(key, None)
+        return list(seen)
+
+    @property
+    def n_rows(self) -> int:
+        """Records in the source, readable or not."""
+        return len(self.rows) + len(self.problems)
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str] | None:
+    """`owner/name[:config][@split]` -> (name, config, split); None if it is not such a name."""
+    m = HUB_SPEC.match(spec.strip())
+    if not m or Path(spec).suffix.lower() in SUFFIXES:
+        return None
+    return m["name"], m["config"], m["split"] or "train"
+
+
+def read_source(
+    source: str | Path,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    name: str | None = None,
+) -> RawData:
+    """Read a local file, or a Hub dataset when `source` is not a file but looks like
+    `owner/name[:config][@split]`. `split`/`config` override those in the spec; `name`
+    replaces the path in messages (an uploaded file's temporary path means nothing to
+    the user)."""
+    spec = str(source)
+    path = Path(spec)
+    shown = name or spec
+    if not spec.strip():
+        raise fatal("(no file)", "unreadable", "no data file given")
+    if path.exists():
+        if path.is_dir():
+            raise fatal(shown, "unreadable", "is a folder; give a JSONL, JSON, CSV, TSV or Parquet file")
+        return read_file(path, shown)
+    hub = parse_hub_spec(spec)
+    if hub is None:
+        raise fatal(shown, "unreadable", "file not found")
+    hub_name, hub_config, hub_split = hub
+    return read_hub(hub_name, config or hub_config, split or hub_split, name)
+
+
+def _kind(path: Path, head: bytes) -> str | None:
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is not None:
+        return kind
+    start = head.lstrip()[:1]
+    return {b"{": "jsonl", b"[": "json"}.get(start)
+
+
+def _decode(data: bytes, shown: str) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise fatal(shown, "unreadable", "the file is UTF-16 text; save it as UTF-8")
+    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+
+
+def read_file(path: Path, shown: str | None = None) -> RawData:
+    shown = shown or str(path)
+    data = path.read_bytes()
+    kind = _kind(path, data[:64])
+    if kind is None:
+        raise fatal(shown, "unreadable", f"unsupported file type '{path.suffix}': use JSONL, JSON, CSV, TSV or Parquet")
+    if kind == "parquet":
+        return _read_parquet(path, shown)
+    if kind in ("csv", "tsv"):
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise fatal(shown, "unreadable", "the file is UTF-16 text; save it as UTF-8")
+        return _read_csv(path, shown, "\t" if kind == "tsv" else ",")
+    text = _decode(data, shown)
+    if not text.strip():
+        raise fatal(shown, "empty_file", "the file is empty")
+    first = text.lstrip()[:1]
+    # Trust the content over the name: `.jsonl` files that hold one array and `.json`
+    # files that hold one object per line are both common.
+    if first == "[" or (kind == "json" and not _looks_like_jsonl(text)):
+        return _read_json(text, shown)
+    return _read_jsonl(text, shown)
+
+
+def _looks_like_jsonl(text: str) -> bool:
+    lines = [line for line in text.split("\n") if line.strip()]
+    if len(lines) < 2:
+        return False
+    try:
+        return isinstance(json.loads(lines[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_jsonl(text: str, shown: str) -> RawData:
+    raw = RawData(shown, "jsonl")
+    # split("\n"), not splitlines(): the latter also breaks at U+2028 and friends, which
+    # JSON allows unescaped inside strings, and would shift every later line number.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raw.problems.append(Problem(shown, lineno, None, "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"))
+            continue
+        if not isinstance(row, dict):
+            raw.problems.append(
+                Problem(shown, lineno, None, "not_an_object", f"expected a JSON object, got {_json_type(row)}")
+            )
+            continue
+        raw.rows.append(row)
+        raw.row_numbers.append(lineno)
+    return raw
+
+
+def _read_json(text: str, shown: str) -> RawData:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise fatal(shown, "unreadable", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    records = _records(doc)
+    if records is None:
+        raise fatal(
+            shown,
+            "unreadable",
+            f"expected an array of objects (or {{\"data\": [...]}}, or columns of equal-length lists), got {_json_type(doc)}",
+        )
+    raw = RawData(shown, "json")
+    for i, row in enumerate(records, start=1):
+        if isinstance(row, dict):
+            raw.rows.append(row)
+            raw.row_numbers.append(i)
+        else:
+            raw.problems.append(Problem(shown, i, None, "not_an_object", f"expected a JSON object, got {_json_type(row)}"))
+    return raw
+
+
+def _records(doc: Any) -> list[Any] | None:
+    """The list of records a JSON document holds: an array; a single conversation object;
+    an object wrapping one array of objects ({"data": [...]}); or pandas' column
+    orientation ({"col": [v1, v2], ...})."""
+    if isinstance(doc, list):
+        return doc
+    if not isinstance(doc, dict) or not doc:
+        return None
+    lists = {k: v for k, v in doc.items() if isinstance(v, list)}
+    if set(doc) & {"messages", "conversations"}:
+        return [doc]  # one conversation, not a wrapper around records
+    if len(doc) == 1 and lists and all(isinstance(r, dict) for r in next(iter(lists.values()))):
+        return next(iter(lists.values()))
+    if len(lists) == len(doc) and len({len(v) for v in lists.values()}) == 1:
+        keys = list(lists)
+        return [dict(zip(keys, values)) for values in zip(*lists.values())]
+    return None
+
+
+def _read_csv(path: Path, shown: str, sep: str) -> RawData:
+    import pandas as pd
+
+    try:
+        # dtype=object keeps cells as Python str (pandas' arrow strings reject the lone
+        # surrogates that mark undecodable bytes); keep_default_na=False keeps "" and "NA" as text.
+        df = pd.read_csv(
+            path,
+            sep=sep,
+            dtype=object,
+            keep_default_na=False,
+            index_col=False,
+            encoding="utf-8-sig",
+            encoding_errors="surrogateescape",
+        )
+    except pd.errors.EmptyDataError:
+        raise fatal(shown, "empty_file", "the file is empty") from None
+    except (pd.errors.ParserError, ValueError) as e:
+        raise fatal(shown, "unreadable", f"not valid {'TSV' if sep == chr(9) else 'CSV'} ({e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    raw = RawData(shown, "tsv" if sep == "\t" else "csv")
+    raw.rows = df.to_dict("records")
+    raw.row_numbers = list(range(2, len(raw.rows) + 2))
+    return raw
+
+
+def _read_parquet(path: Path, shown: str) -> RawData:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise fatal(shown, "unreadable", f"not a readable Parquet file ({e})") from None
+    return RawData(shown, "parquet", rows, list(range(1, len(rows) + 1)))
+
+
+def read_hub(name: str, config: str | None = None, split: str = "train", shown: str | None = None) -> RawData:
+    """A Hub dataset through `datasets.load_dataset(name, config, split=split)`."""
+    import datasets
+
+    label = shown or (f"{name}:{config}@{split}" if config else f"{name}@{split}")
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
+        hint = " (offline: HF_HUB_OFFLINE is set or the Hub cannot be reached; download it first or use a local file)"
+        offline = "offline" in str(e).lower() or isinstance(e, ConnectionError)
+        raise fatal(label, "unreadable", f"cannot load the Hub dataset: {e}{hint if offline else ''}") from None
+    rows = ds.to_list()
+    return RawData(label, "hub", rows, list(range(1, len(rows) + 1)))
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+__all__ = ["RawData", "DataError", "read_source", "read_file", "read_hub", "parse_hub_spec", "SUFFIXES"]
