@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gradio as gr
 
+from lora_studio.models import BUNDLED
 from lora_studio.ui.common import Studio, dropdown_update
 from lora_studio.ui.compare_tab import build_compare_tab
+from lora_studio.ui.data_tab import build_data_tab
 from lora_studio.ui.export_tab import build_export_tab
+from lora_studio.ui.runs_tab import build_runs_tab
 from lora_studio.ui.settings import AppSettings
+from lora_studio.ui.train_tab import build_train_tab
 
 CSS = """
 .token-trained { background: #c8f7c5; border-bottom: 2px solid #2e9d2a; }
@@ -25,7 +29,20 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
             "# LoRA Studio\nFine-tune a language model from your browser: "
             "**Data** → **Train** → **Runs** → **Compare** → **Export**."
         )
+        # Shown in the Train tab, read by the Data tab's preview too (template, truncation).
+        model = gr.Dropdown(
+            label="Base model: bundled, a Hub id or a local folder",
+            choices=list(dict.fromkeys([settings.model, BUNDLED])),
+            value=settings.model,
+            allow_custom_value=True,
+            elem_id="model",
+            render=False,
+        )
+        max_len = gr.Slider(32, 4096, value=512, step=32, label="Max length (tokens)", elem_id="max-len", render=False)
         with gr.Tabs(elem_id="tabs"):
+            selection = build_data_tab(studio, model, max_len)
+            view = build_train_tab(studio, demo, selection, model, max_len)
+            build_runs_tab(studio, demo, view, view.outputs)
             build_compare_tab(studio)
             build_export_tab(studio)
         run_pickers = [c for c in demo.blocks.values() if getattr(c, "elem_id", None) in ("compare-run", "export-run")]

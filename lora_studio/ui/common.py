@@ -4,9 +4,10 @@ and small conversions between gradio values and plain Python."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
-import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from lora_studio.chat import ChatEngine
-from lora_studio.train import read_status
+from lora_studio.runner import Runner
 from lora_studio.ui.settings import AppSettings
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -26,6 +27,12 @@ class Studio:
 
     settings: AppSettings
     chat: ChatEngine = field(default_factory=ChatEngine)
+    runner: Runner = field(init=False)
+    _tokenizers: dict[str, Any] = field(default_factory=dict, init=False)
+    _tok_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.runner = Runner(self.settings.runs_dir)
 
     @property
     def runs_dir(self) -> Path:
@@ -35,7 +42,7 @@ class Studio:
         """The folder of a run picked in a dropdown, refusing ids that could leave the runs folder."""
         if not run_id:
             raise gr.Error("Pick a run first (train one in the Train tab).")
-        if not RUN_ID.match(run_id):
+        if not RUN_ID.match(run_id) or ".." in run_id:
             raise gr.Error(f"{run_id!r} is not a run id")
         path = self.runs_dir / run_id
         if not (path / "config.json").exists() and not (path / "status.json").exists():
@@ -45,25 +52,45 @@ class Studio:
         return path
 
     def runs(self, need_adapter: bool = False) -> list[tuple[str, str]]:
-        """(label, run id) of every run, newest first."""
-        if not self.runs_dir.exists():
-            return []
-        folders = [p for p in self.runs_dir.iterdir() if p.is_dir() and RUN_ID.match(p.name)]
-        folders = [p for p in folders if (p / "config.json").exists() or (p / "status.json").exists()]
-        if need_adapter:
-            folders = [p for p in folders if (p / "adapter" / "adapter_config.json").exists()]
-        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [(run_label(p), p.name) for p in folders]
+        """(label, run id) of every run, newest first (as the runner sees them: a dead worker is failed)."""
+        choices = []
+        for status in self.runner.list_runs():
+            run_id = status["run_id"]
+            if need_adapter and not (self.runs_dir / run_id / "adapter" / "adapter_config.json").exists():
+                continue
+            choices.append((run_label(status), run_id))
+        return choices
+
+    def tokenizer(self, model: str) -> Any:
+        """The model's tokenizer (for previews), loaded once per model."""
+        from lora_studio.models import load_tokenizer
+
+        with self._tok_lock:
+            if model not in self._tokenizers:
+                self._tokenizers[model] = load_tokenizer(model)
+            return self._tokenizers[model]
+
+    def keep_upload(self, temp_path: str, original_name: str | None = None) -> Path:
+        """Copy an uploaded file into RUNS/.uploads under a name from its content, so a run's
+        config points at a file that outlives gradio's temporary cache (and sits on the same
+        persistent storage as the runs). `.uploads` can never be taken for a run id."""
+        data = Path(temp_path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(original_name or temp_path).name).lstrip(".")[-80:] or "data"
+        folder = self.runs_dir / ".uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{digest}-{stem}"
+        if not target.exists():
+            tmp = target.with_name("." + target.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return target
 
 
-def run_label(run_dir: Path) -> str:
-    status = read_status(run_dir)
-    method = ""
-    if (run_dir / "config.json").exists():
-        method = json.loads((run_dir / "config.json").read_text()).get("method", "")
-    parts = [run_dir.name]
-    if method:
-        parts.append(method)
+def run_label(status: dict[str, Any]) -> str:
+    parts = [status["run_id"]]
+    if status.get("method"):
+        parts.append(status["method"])
     if status.get("state"):
         parts.append(f"{status['state']} at step {status.get('step', 0)}")
     return " · ".join(parts)

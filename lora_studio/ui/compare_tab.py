@@ -49,7 +49,7 @@ def _run_defaults(studio: Studio, run_id: str | None) -> tuple[Any, Any, Any, st
 
 
 def build_compare_tab(studio: Studio) -> None:
-    with gr.Tab("Compare", id="compare"):
+    with gr.Tab("Compare", id="compare") as tab:
         with gr.Row():
             run = gr.Dropdown(
                 label="Run", choices=studio.runs(need_adapter=True), elem_id="compare-run", scale=4, allow_custom_value=True
@@ -75,6 +75,13 @@ def build_compare_tab(studio: Studio) -> None:
             run,
             run,
             api_name="compare_runs",
+            queue=False,
+        )
+        tab.select(
+            lambda current: dropdown_update(studio.runs(need_adapter=True), current),
+            run,
+            run,
+            api_visibility="undocumented",
             queue=False,
         )
         run.change(lambda r: _run_defaults(studio, r), run, [*gen_inputs, run_info], api_visibility="undocumented")

@@ -9,7 +9,7 @@ from lora_studio.ui.common import Studio, dropdown_update, friendly
 
 
 def build_export_tab(studio: Studio) -> None:
-    with gr.Tab("Export", id="export"):
+    with gr.Tab("Export", id="export") as tab:
         with gr.Row():
             run = gr.Dropdown(
                 label="Run", choices=studio.runs(need_adapter=True), elem_id="export-run", scale=4, allow_custom_value=True
@@ -25,7 +25,7 @@ def build_export_tab(studio: Studio) -> None:
                 merge_button = gr.Button("Save merged model", elem_id="export-merge")
                 merged_zip = gr.Checkbox(label="Also offer it as a zip download (large)", value=False)
                 merged_info = gr.Markdown(elem_id="export-merge-info")
-                merged_file = gr.File(label="Merged model zip", interactive=False)
+                merged_file = gr.File(label="Merged model zip", interactive=False, height=90)
         with gr.Accordion("Push to the Hugging Face Hub", open=False):
             with gr.Row():
                 repo = gr.Textbox(label="Repository (user/name)", elem_id="hub-repo")
@@ -77,10 +77,11 @@ def build_export_tab(studio: Studio) -> None:
         merge_button.click(merge, [run, merged_zip], [merged_info, merged_file], api_name="export_merged")
         push.click(push_run, [run, repo, token, kind, private], [token, push_info], api_name="push_to_hub")
         run.change(show_card, run, card, api_name="model_card")
-        refresh.click(
-            lambda current: dropdown_update(studio.runs(need_adapter=True), current),
-            run,
-            run,
-            api_visibility="undocumented",
-            queue=False,
-        )
+        for trigger in (refresh.click, tab.select):
+            trigger(
+                lambda current: dropdown_update(studio.runs(need_adapter=True), current),
+                run,
+                run,
+                api_visibility="undocumented",
+                queue=False,
+            )
