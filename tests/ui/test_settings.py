@@ -30,3 +30,14 @@ def test_environment_sets_runs_dir_model_login_and_port():
 def test_half_a_login_is_refused():
     with pytest.raises(ValueError, match="LORA_STUDIO_PASSWORD"):
         AppSettings.from_env({"LORA_STUDIO_USER": "ana"})
+
+
+def test_without_the_bundle_the_same_model_comes_from_the_hub(monkeypatch):
+    from lora_studio import models
+
+    def missing():
+        raise FileNotFoundError("the bundled model is not installed")
+
+    monkeypatch.setattr(models, "bundled_gguf_dir", missing)
+    assert AppSettings.from_env({}).model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert AppSettings.from_env({"LORA_STUDIO_MODEL": "bundled"}).model == "bundled"
