@@ -13,8 +13,34 @@ FINAL = ("done", "stopped", "aborted", "failed")
 ACTIVE = ("queued", "starting", "running")
 
 
-def _frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame(records, columns=columns)
+def frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    """Numeric columns typed as numbers even when empty: the page fixes each axis's scale from
+    the first value it gets, and an empty untyped column would make it categorical for good."""
+    out = pd.DataFrame(records, columns=columns)
+    for col in columns:
+        if col in ("series", "run"):
+            out[col] = out[col].astype(str)
+        else:
+            out[col] = pd.to_numeric(out[col]).astype("int64" if col == "step" else "float64")
+    return out
+
+
+def plot_value(data: pd.DataFrame) -> pd.DataFrame | None:
+    """What to hand a gr.LinePlot: None until there is a point. A coloured line plot fixes its
+    colours from the first value it gets (gradio 6.31): from an empty frame it never draws a
+    line, and a series that turns up later is left uncoloured. So: no empty frames; the
+    series a plot will have are all present from the first value (`with_series`); and a plot
+    that is pointed at another run is reset with None first."""
+    return data if len(data) else None
+
+
+def with_series(data: pd.DataFrame, y: str, names: tuple[str, ...]) -> pd.DataFrame:
+    """Add one empty (NaN) point for each series in `names` that has no point yet."""
+    if not len(data):
+        return data
+    missing = [n for n in names if n not in set(data["series"])]
+    rows = [{"step": int(data["step"].iloc[0]), y: float("nan"), "series": n} for n in missing]
+    return pd.concat([data, frame(rows, list(data.columns))], ignore_index=True) if rows else data
 
 
 def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -23,7 +49,12 @@ def loss_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     records += [
         {"step": r["step"], "loss": float(r["eval_loss"]), "series": "eval"} for r in rows if _num(r.get("eval_loss"))
     ]
-    return _frame(records, ["step", "loss", "series"])
+    return frame(records, ["step", "loss", "series"])
+
+
+def live_loss_frame(rows: list[dict[str, Any]], has_eval: bool) -> pd.DataFrame:
+    """The loss frame of a run still training: its eval series is there before its first point."""
+    return with_series(loss_frame(rows), "loss", ("train", "eval") if has_eval else ("train",))
 
 
 def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -33,7 +64,7 @@ def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         lrs = r.get("lrs") or ([r["lr"]] if _num(r.get("lr")) else [])
         for i, lr in enumerate(lrs):
             records.append({"step": r["step"], "lr": float(lr), "series": f"group {i}" if len(lrs) > 1 else "lr"})
-    return _frame(records, ["step", "lr", "series"])
+    return frame(records, ["step", "lr", "series"])
 
 
 def memory_frame(rows: list[dict[str, Any]], estimate_mb: float | None) -> pd.DataFrame:
@@ -46,12 +77,12 @@ def memory_frame(rows: list[dict[str, Any]], estimate_mb: float | None) -> pd.Da
     if estimate_mb and records:
         first, last = records[0]["step"], records[-1]["step"]
         records += [{"step": s, "MiB": float(estimate_mb), "series": "estimate"} for s in sorted({first, last})]
-    return _frame(records, ["step", "MiB", "series"])
+    return frame(records, ["step", "MiB", "series"])
 
 
 def speed_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     records = [{"step": r["step"], "tokens/s": float(r["tokens_per_s"])} for r in rows if _num(r.get("tokens_per_s"))]
-    return _frame(records, ["step", "tokens/s"])
+    return frame(records, ["step", "tokens/s"])
 
 
 def estimate_mb(status: dict[str, Any]) -> float | None:

@@ -144,3 +144,21 @@ def friendly(fn: Callable) -> Callable:
             raise gr.Error(str(e)) from None
 
     return wrapper
+
+
+def run_picker(studio: Studio, tab: gr.Tab, elem_id: str, api_name: str | None = None) -> gr.Dropdown:
+    """A dropdown of the runs that have an adapter, with a refresh button; refreshed when its
+    tab is opened too (a run that just finished shows up without a reload)."""
+    with gr.Row():
+        run = gr.Dropdown(
+            label="Run", choices=studio.runs(need_adapter=True), elem_id=elem_id, scale=4, allow_custom_value=True
+        )
+        refresh = gr.Button("Refresh runs", size="sm", scale=1)
+
+    def update(current: str | None) -> dict[str, Any]:
+        return dropdown_update(studio.runs(need_adapter=True), current)
+
+    visibility = {"api_name": api_name} if api_name else {"api_visibility": "undocumented"}
+    refresh.click(update, run, run, queue=False, **visibility)
+    tab.select(update, run, run, queue=False, api_visibility="undocumented")
+    return run

@@ -14,7 +14,7 @@ import pandas as pd
 
 from lora_studio.chat import describe_votes, read_votes, record_vote
 from lora_studio.compare import GenerationSettings, read_prompts
-from lora_studio.ui.common import Studio, dropdown_update, friendly, plain_messages
+from lora_studio.ui.common import Studio, friendly, plain_messages, run_picker
 
 BATCH_COLUMNS = ["prompt", "base", "tuned"]
 
@@ -50,11 +50,7 @@ def _run_defaults(studio: Studio, run_id: str | None) -> tuple[Any, Any, Any, st
 
 def build_compare_tab(studio: Studio) -> None:
     with gr.Tab("Compare", id="compare") as tab:
-        with gr.Row():
-            run = gr.Dropdown(
-                label="Run", choices=studio.runs(need_adapter=True), elem_id="compare-run", scale=4, allow_custom_value=True
-            )
-            refresh = gr.Button("Refresh runs", size="sm", scale=1)
+        run = run_picker(studio, tab, "compare-run", api_name="compare_runs")
         run_info = gr.Markdown()
         with gr.Accordion("Generation settings", open=False):
             with gr.Row():
@@ -70,20 +66,6 @@ def build_compare_tab(studio: Studio) -> None:
             with gr.Tab("Batch", id="compare-batch"):
                 _batch(studio, run, gen_inputs)
 
-        refresh.click(
-            lambda current: dropdown_update(studio.runs(need_adapter=True), current),
-            run,
-            run,
-            api_name="compare_runs",
-            queue=False,
-        )
-        tab.select(
-            lambda current: dropdown_update(studio.runs(need_adapter=True), current),
-            run,
-            run,
-            api_visibility="undocumented",
-            queue=False,
-        )
         run.change(lambda r: _run_defaults(studio, r), run, [*gen_inputs, run_info], api_visibility="undocumented")
 
 

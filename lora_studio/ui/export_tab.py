@@ -5,16 +5,12 @@ from __future__ import annotations
 import gradio as gr
 
 from lora_studio import export
-from lora_studio.ui.common import Studio, dropdown_update, friendly
+from lora_studio.ui.common import Studio, friendly, run_picker
 
 
 def build_export_tab(studio: Studio) -> None:
     with gr.Tab("Export", id="export") as tab:
-        with gr.Row():
-            run = gr.Dropdown(
-                label="Run", choices=studio.runs(need_adapter=True), elem_id="export-run", scale=4, allow_custom_value=True
-            )
-            refresh = gr.Button("Refresh runs", size="sm", scale=1)
+        run = run_picker(studio, tab, "export-run")
         with gr.Row():
             with gr.Column():
                 gr.Markdown("### Adapter (PEFT format)\nLoads with `PeftModel.from_pretrained`, vLLM or TGI.")
@@ -77,11 +73,3 @@ def build_export_tab(studio: Studio) -> None:
         merge_button.click(merge, [run, merged_zip], [merged_info, merged_file], api_name="export_merged")
         push.click(push_run, [run, repo, token, kind, private], [token, push_info], api_name="push_to_hub")
         run.change(show_card, run, card, api_name="model_card")
-        for trigger in (refresh.click, tab.select):
-            trigger(
-                lambda current: dropdown_update(studio.runs(need_adapter=True), current),
-                run,
-                run,
-                api_visibility="undocumented",
-                queue=False,
-            )

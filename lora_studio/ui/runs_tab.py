@@ -72,7 +72,7 @@ def overlay(studio: Studio, run_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFr
             losses.append({"step": r["step"], "loss": r["loss"], "run": f"{run_id} ({r['series']})"})
         for r in charts.memory_frame(rows, None).to_dict("records"):
             memory.append({"step": r["step"], "MiB": r["MiB"], "run": run_id})
-    return pd.DataFrame(losses, columns=["step", "loss", "run"]), pd.DataFrame(memory, columns=["step", "MiB", "run"])
+    return charts.frame(losses, ["step", "loss", "run"]), charts.frame(memory, ["step", "MiB", "run"])
 
 
 def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs: list[gr.Component]) -> None:
@@ -103,24 +103,27 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
 
     def refreshed(current_pick, current_one):
         choices = studio.runs()
-        ids = {v for _, v in choices}
+        ids = [v for _, v in choices]
         return (
             runs_table(studio),
             gr.update(choices=choices, value=[r for r in current_pick or [] if r in ids]),
-            gr.update(choices=choices, value=current_one if current_one in ids else None),
+            gr.update(choices=choices, value=current_one if current_one in ids else next(iter(ids), None)),
         )
 
     @friendly
     def draw(run_ids):
         for run_id in run_ids or []:
             studio.runner.run_dir(run_id)  # refuses ids that could leave the runs folder
-        return overlay(studio, run_ids)
+        yield None, None  # a reset, so each run picked gets its colour (see charts.plot_value)
+        yield tuple(charts.plot_value(f) for f in overlay(studio, run_ids))
 
     @friendly
     def resume_run(run_id, view_state):
         studio.run_dir(run_id)
         studio.runner.resume(run_id)
-        return (f"Run **{run_id}** resumes from its last checkpoint; follow it in the Train tab.", *view.redraw(run_id))
+        message = f"Run **{run_id}** resumes from its last checkpoint; follow it in the Train tab."
+        for outputs in view.switch_to(run_id):
+            yield (message, *outputs)
 
     def ask_delete(run_id):
         if not run_id:
@@ -142,7 +145,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
     tab.select(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
     demo.load(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
     picked.change(draw, picked, [loss_plot, memory_plot], api_name="overlay")
-    show.click(lambda r: view.redraw(r), one, view_outputs, api_visibility="undocumented", queue=False)
+    show.click(view.switch_to, one, view_outputs, api_visibility="undocumented")
     resume.click(resume_run, [one, view], [message, *view_outputs], api_name="resume", concurrency_id="train")
     delete.click(ask_delete, one, [confirm_row, confirm_text], api_visibility="undocumented", queue=False)
     cancel.click(lambda: gr.Row(visible=False), None, confirm_row, api_visibility="undocumented", queue=False)

@@ -192,8 +192,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     @friendly
     def start_run(sel, *args):
         cfg = build_config(values_of(args), sel)
-        run_id = studio.runner.start(cfg)
-        return redraw(run_id)
+        yield from switch_to(studio.runner.start(cfg))
 
     def redraw(run_id: str | None, view_state: dict | None = None, force: bool = True) -> tuple:
         """Everything the live view shows, read from the run folder; gr.skip() where nothing changed."""
@@ -218,11 +217,18 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             state,
             text,
             bar,
-            charts.loss_frame(rows),
-            charts.memory_frame(rows, charts.estimate_mb(st)),
-            charts.lr_frame(rows),
-            charts.speed_frame(rows),
+            charts.plot_value(charts.live_loss_frame(rows, bool(st.get("n_val_examples")))),
+            charts.plot_value(charts.memory_frame(rows, charts.estimate_mb(st))),
+            charts.plot_value(charts.lr_frame(rows)),
+            charts.plot_value(charts.speed_frame(rows)),
         )
+
+    def switch_to(run_id: str | None):
+        """Point this page's view at a run: the plots are reset first, so the new run's series
+        get their colours (see charts.plot_value)."""
+        drawn = redraw(run_id)
+        yield (*drawn[:3], None, None, None, None)
+        yield drawn
 
     def tick(view_state):
         view_state = view_state or {}
@@ -257,6 +263,6 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     timer.tick(tick, view, outputs, api_visibility="undocumented", queue=False, show_progress="hidden")
     demo.load(attach, view, outputs, api_name="attach", queue=False)
     # The Runs tab points the view at another run (resume, show) through these.
-    view.redraw = redraw  # type: ignore[attr-defined]
+    view.switch_to = switch_to  # type: ignore[attr-defined]
     view.outputs = outputs  # type: ignore[attr-defined]
     return view

@@ -59,9 +59,21 @@ def open_tab(page, tab_id: str) -> None:
     page.locator(f'button[role="tab"][data-tab-id="{tab_id}"]:visible').first.click()
 
 
+# Points of a line plot that are really drawn: vega keeps one (invisible) hover symbol per
+# point, and the line itself must have a colour (a plot can hold points and draw nothing).
+DRAWN = """(id) => {
+    const lines = [...document.querySelectorAll(`#${id} g.mark-line path`)];
+    const stroked = lines.some(p => p.getAttribute('stroke') && (p.getAttribute('d') || '').includes('L'));
+    return stroked ? document.querySelectorAll(`#${id} g.mark-symbol path`).length : 0;
+}"""
+
+
 def points(page, plot_id: str) -> int:
-    """Data points drawn in a line plot (vega draws one symbol per point, for hovering)."""
-    return page.evaluate(f"() => document.querySelectorAll('#{plot_id} g.mark-symbol path').length")
+    return page.evaluate(DRAWN, plot_id)
+
+
+def wait_points(page, plot_id: str, more_than: int) -> None:
+    page.wait_for_function(f"(id) => ({DRAWN})(id) > {more_than}", arg=plot_id)
 
 
 def progress_step(page) -> int:
@@ -98,12 +110,13 @@ def test_the_whole_journey(browser, studio, shots, tmp_path):
     fill_number(page, "batch-size", "4")
     fill_number(page, "lr", "0.001")
     page.locator("#train-start").click()
-    page.wait_for_selector("#run-status :text('training')", timeout=120_000)
+    page.wait_for_function(
+        "() => /\\S+: training/.test(document.querySelector('#run-status').innerText)", timeout=120_000
+    )
     run_id = re.match(r"(\S+): training", page.locator("#run-status").inner_text()).group(1)
-    page.wait_for_function("() => document.querySelectorAll('#loss-plot g.mark-symbol path').length >= 5")
-    first_points = points(page, "loss-plot")
-    page.wait_for_function(f"() => document.querySelectorAll('#loss-plot g.mark-symbol path').length > {first_points}")
-    assert points(page, "memory-plot") > 0
+    wait_points(page, "loss-plot", 4)
+    wait_points(page, "loss-plot", points(page, "loss-plot"))  # and it keeps getting more
+    assert points(page, "memory-plot") > 0 and points(page, "lr-plot") > 0
     page.screenshot(path=str(shots / "train.png"), full_page=True)
 
     # Reload: the page reattaches to the same run, redraws its history and keeps updating.
@@ -111,7 +124,7 @@ def test_the_whole_journey(browser, studio, shots, tmp_path):
     page.reload()
     open_tab(page, "train")
     page.wait_for_selector(f"#run-status :text('{run_id}: training')")
-    page.wait_for_function(f"() => document.querySelectorAll('#loss-plot g.mark-symbol path').length >= {before}")
+    wait_points(page, "loss-plot", before - 1)  # the history is redrawn from the run folder
     after_reload = progress_step(page)
     assert after_reload >= before
     page.wait_for_function(
@@ -128,7 +141,7 @@ def test_the_whole_journey(browser, studio, shots, tmp_path):
     assert "stopped" in page.locator("#runs-table").inner_text()
     page.locator("#runs-pick input").first.click()
     page.get_by_role("option", name=re.compile(re.escape(run_id))).first.click()
-    page.wait_for_function("() => document.querySelectorAll('#runs-loss-plot g.mark-symbol path').length > 0")
+    wait_points(page, "runs-loss-plot", 0)
     page.screenshot(path=str(shots / "runs.png"), full_page=True)
 
     # Compare: one message, two replies (base left, tuned right).

@@ -57,3 +57,24 @@ def test_every_state_is_said_plainly():
 
 def test_duration():
     assert (charts.duration(59.6), charts.duration(3725), charts.duration(None)) == ("1:00", "1:02:05", "—")
+
+
+def test_empty_frames_are_typed_as_numbers():
+    """The first value a plot gets fixes its scales: an empty frame must not say 'categorical'."""
+    for empty in (charts.loss_frame([]), charts.memory_frame([], 100.0), charts.lr_frame([]), charts.speed_frame([])):
+        assert empty.empty
+        assert str(empty["step"].dtype) == "int64"
+        assert all(str(empty[c].dtype) == "float64" for c in empty.columns if c not in ("step", "series"))
+
+
+def test_an_empty_plot_gets_no_value():
+    assert charts.plot_value(charts.loss_frame([])) is None
+    assert len(charts.plot_value(charts.loss_frame(ROWS))) == 3
+
+
+def test_live_loss_has_its_eval_series_before_the_first_eval():
+    frame = charts.live_loss_frame(ROWS[:1], has_eval=True)
+    assert frame["series"].tolist() == ["train", "eval"] and frame["loss"].isna().tolist() == [False, True]
+    assert charts.live_loss_frame(ROWS[:1], has_eval=False)["series"].tolist() == ["train"]
+    assert charts.live_loss_frame(ROWS, has_eval=True)["series"].tolist().count("eval") == 1  # the real one only
+    assert charts.live_loss_frame([], has_eval=True).empty
