@@ -53,7 +53,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         help="run model code from the Hub repo (only for repos you trust)",
     )
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a method option")
-    p.add_argument("--checkpoint-every", type=int, dest="checkpoint_every", help="save a resumable checkpoint every N steps (0: only on stop)")
+    p.add_argument(
+        "--checkpoint-every", type=int, dest="checkpoint_every", help="resumable checkpoint every N steps (0: on stop only)"
+    )
     p.add_argument("--eval-every", type=int, dest="eval_every", help="validation loss every N steps (0: at the end)")
     p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
@@ -176,7 +178,8 @@ def _relaunch_under_torchrun(n: int, argv: list[str]) -> None:
         if a.startswith("--gpus="):
             continue
         rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lora_studio", *rest]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+    cmd = [*torchrun, "-m", "lora_studio", *rest]
     print("running on", n, "GPUs:", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)
 
@@ -201,8 +204,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     n_gpus = _gpu_count(args.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(n_gpus, args.argv)
-    if args.resume:
-        clear_control(cfg.out)  # the stop request that ended the previous life of the run
+    if not os.environ.get("LORA_STUDIO_SUPERVISED"):
+        # A stop request left from an earlier life of this folder. (A runner-started worker keeps
+        # it: the runner cleared it at launch, so it is a stop pressed while the worker started.)
+        clear_control(cfg.out)
 
     def progress(row: dict[str, Any]) -> None:
         print(progress_line(row, read_status(cfg.out).get("total_steps")), flush=True)

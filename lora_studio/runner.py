@@ -368,7 +368,8 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
     cmd = [sys.executable, "-m", "lora_studio", "train", "--gpus", gpus]
     cmd += ["--resume", str(run_dir)] if resume else ["--config", str(run_dir / "config.json")]
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {'resuming' if resume else 'starting'}: {' '.join(cmd)}", flush=True)
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=worker_env())  # inherits our stdout: train.log
+    env = {**worker_env(), "LORA_STUDIO_SUPERVISED": "1"}
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)  # inherits our stdout: train.log
     sup = rf.read_json(run_dir / SUPERVISOR)
     sup.update(worker_pid=proc.pid, worker_started=_create_time(proc.pid))
     rf.write_json_atomic(run_dir / SUPERVISOR, sup)

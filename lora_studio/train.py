@@ -26,6 +26,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from torch import nn
 
 from lora_studio.adapters import save_adapter
 from lora_studio.checkpoint import (
+    CHECKPOINTS,
     checkpoint_tensors,
     latest_checkpoint,
     load_checkpoint,
@@ -81,14 +83,26 @@ StepCallback = Callable[[dict[str, Any]], None]
 # ---------------------------------------------------------------- memory
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (MiB).
+
+    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a worker spawned by
+    a large app process would report the app's size as its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Process RSS now and at peak (MiB); CUDA allocated/reserved/peak where there is a GPU."""
     import psutil
 
-    stats = {
-        "rss_mb": psutil.Process().memory_info().rss / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
-    }
+    stats = {"rss_mb": psutil.Process().memory_info().rss / 2**20, "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         stats.update(
             cuda_allocated_mb=torch.cuda.memory_allocated(device) / 2**20,
@@ -305,8 +319,9 @@ def train(
         if env.main:
             cfg.save(run_dir / "config.json")
             write_status(
-                run_dir, "running", pid=os.getpid(), pid_started=_process_started(), host=hostname(), started_at=time.time(),
-                error=None, finished_at=None, world_size=env.world, method=cfg.method, model=cfg.model,
+                run_dir, "running", pid=os.getpid(), pid_started=_process_started(), host=hostname(),
+                started_at=time.time(), error=None, finished_at=None, world_size=env.world,
+                method=cfg.method, model=cfg.model,
             )
         with _signals_request_stop() as signalled:
             return _train(cfg, run_dir, env, on_step, should_stop, resume, signalled)
@@ -444,10 +459,11 @@ class _Loop:
     def step(self, ids: list[int]) -> dict[str, Any]:
         """One optimizer step over the global batch `ids`; returns the metric row's numbers."""
         cfg = self.cfg
-        micro = [collate([self.examples[i] for i in chunk], self.tokenizer.pad_token_id) for chunk in shard_batch(ids, self.env, cfg.grad_accum_steps)]
+        pad = self.tokenizer.pad_token_id
+        micro = [collate([self.examples[i] for i in chunk], pad) for chunk in shard_batch(ids, self.env, cfg.grad_accum_steps)]
         weights = [1.0] * len(micro)
         if not micro:  # fewer samples than ranks: join the gradient all-reduce with a zero loss
-            micro, weights = [collate([self.examples[ids[0]]], self.tokenizer.pad_token_id)], [0.0]
+            micro, weights = [collate([self.examples[ids[0]]], pad)], [0.0]
         n_local = sum(count_targets(b) for b, w in zip(micro, weights) if w)
         tokens_local = sum(int(b["attention_mask"].sum()) for b, w in zip(micro, weights) if w)
         n_global, tokens_global = self._all_sum([n_local, tokens_local])
@@ -513,8 +529,6 @@ class _Loop:
         step = self.pos.step
         folder = tmp_dir(self.run_dir, step)
         if self.env.main and folder.exists():  # left by a crash during an earlier save
-            import shutil
-
             shutil.rmtree(folder)
         self._barrier()
         write_rank_rng(folder, self.env.rank, rng_state(self.device, self.epoch_start_state))
@@ -525,7 +539,8 @@ class _Loop:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             }
-            save_checkpoint(self.run_dir, step, checkpoint_tensors(self.model, self.method), optim, {**asdict(self.pos), "world_size": self.env.world})
+            trainer_state = {**asdict(self.pos), "world_size": self.env.world}
+            save_checkpoint(self.run_dir, step, checkpoint_tensors(self.model, self.method), optim, trainer_state)
             write_status(self.run_dir, "running", checkpoint_step=step)
         self.last_checkpoint = step
 
@@ -565,8 +580,9 @@ def _train(
     trainable, total = count_parameters(loop.model)
     resumed_from = loop.restore() if resume else None
     if env.main:
-        if resumed_from is None:
+        if resumed_from is None:  # a fresh start: nothing of an earlier run in this folder carries over
             (run_dir / METRICS).write_text("")
+            shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
         else:
             truncate_metrics(run_dir, resumed_from)
         write_status(

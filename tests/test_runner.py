@@ -198,3 +198,13 @@ def test_runner_imports_neither_gradio_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_stop_pressed_while_the_worker_starts_is_honoured(tiny_llama_dir, train_file, runs):
+    runner = Runner(runs)
+    run_id = runner.start(config(tiny_llama_dir, train_file, epochs=500))
+    assert runner.status(run_id)["state"] in ("starting", "running")
+    runner.stop(run_id)  # before the worker has loaded anything
+    status = runner.wait(run_id, timeout=120)
+    assert status["state"] == "stopped" and status["step"] == 0
+    assert not (runs / run_id / "adapter").exists()  # nothing trained, nothing to save

@@ -17,6 +17,7 @@ from lora_studio.data import collate
 from lora_studio.runfiles import read_metrics, read_status, request_stop
 from lora_studio.train import DistEnv, causal_lm_loss, shard_batch, train
 from tests.conftest import format_rows, write_jsonl
+from tests.test_memory import measured_saved_bytes
 
 
 def make_cfg(out, model_dir, data, **kw) -> TrainConfig:
@@ -129,19 +130,7 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_llama_dir, train_fi
         if checkpointing:
             train_mod.enable_gradient_checkpointing(model)
         model.train()
-        batch = collate(parts["examples"][:4], parts["tokenizer"].pad_token_id)
-        storages: dict[int, int] = {}
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                storages[ptr] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            causal_lm_loss(model, batch)[0].backward()
-        return sum(storages.values())
+        return measured_saved_bytes(model, collate(parts["examples"][:4], parts["tokenizer"].pad_token_id))
 
     assert saved_bytes(True) < 0.5 * saved_bytes(False)
 

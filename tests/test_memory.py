@@ -1,0 +1,118 @@
+"""The memory estimate against what autograd really keeps (saved-tensor hooks: deterministic,
+no timing, no RSS), and its parameter and weight counts against the built model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_studio.config import TrainConfig
+from lora_studio.memory import MB, NF4_BYTES_PER_PARAM, estimate, estimate_for_examples
+from lora_studio.methods import count_parameters, get_method, inject_adapters, trainable_parameters
+from lora_studio.models import load_model
+from lora_studio.train import causal_lm_loss
+
+BAND = 0.10  # the activation formula must land within ±10% of the measured saved bytes
+
+
+def measured_saved_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd saves for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(model, batch)
+    return sum(storages.values())
+
+
+def adapted_model(model_dir: str, cfg: TrainConfig):
+    model = load_model(model_dir)
+    torch.manual_seed(0)
+    inject_adapters(model, get_method(cfg.method), cfg)
+    model.train()
+    return model
+
+
+def full_batch(vocab: int, batch: int, length: int, trained_from: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :trained_from] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("rank,length", [(4, 48), (8, 96)])
+def test_activation_estimate_matches_saved_tensors(tiny_model_dir, rank, length):
+    cfg = TrainConfig(data="x", out="x", model=tiny_model_dir, rank=rank, batch_size=1).resolved()
+    model = adapted_model(tiny_model_dir, cfg)
+    batch = full_batch(model.config.vocab_size, 1, length, trained_from=length // 2)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    measured = measured_saved_bytes(model, batch) - trained * model.config.vocab_size * 4  # minus the log-softmax
+    est = estimate(cfg, seq_len=length, trained_tokens=trained, device="cpu", model=model)
+    assert est.activations_mb * MB == pytest.approx(measured, rel=BAND)
+
+
+def test_checkpointing_and_batch_move_the_estimate_the_right_way(tiny_llama_dir):
+    def act(**kw):
+        cfg = TrainConfig(data="x", out="x", model=tiny_llama_dir, rank=4, **kw)
+        return estimate(cfg, seq_len=64, device="cpu").activations_mb
+
+    # 2 blocks: checkpointing keeps 2 block inputs + 1 block recomputed instead of 2 whole blocks.
+    assert act(batch_size=8, gradient_checkpointing=True) < 0.6 * act(batch_size=8)
+    assert act(batch_size=8) == pytest.approx(2 * act(batch_size=4), rel=0.05)
+    assert act(batch_size=8, grad_accum_steps=2) == pytest.approx(act(batch_size=4), rel=1e-9)
+
+
+def test_counts_come_from_the_model_without_loading_weights(tiny_model_dir):
+    cfg = TrainConfig(data="x", out="x", model=tiny_model_dir, rank=8).resolved()
+    est = estimate(cfg, device="cpu")  # built on the meta device
+    model = adapted_model(tiny_model_dir, cfg)
+    trainable, total = count_parameters(model)
+    assert (est.trainable_params, est.total_params) == (trainable, total)
+    frozen = {id(p) for p in trainable_parameters(model).values()}
+    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in frozen)
+    assert est.weights_mb * MB == pytest.approx(frozen_bytes)
+    assert est.adapter_mb * MB == trainable * 4 and est.optimizer_mb == 2 * est.adapter_mb
+    assert est.total_mb == pytest.approx(
+        est.weights_mb + 4 * est.adapter_mb + est.activations_mb + est.logits_mb + est.workspace_mb + est.runtime_mb
+    )
+
+
+def test_four_bit_weights_are_counted_at_nf4_size(tiny_llama_dir):
+    cfg = TrainConfig(data="x", out="x", model=tiny_llama_dir, rank=4)
+    full = estimate(cfg, device="cpu")
+    nf4 = estimate(TrainConfig(**{**cfg.to_dict(), "quantize": "4bit"}), device="cpu")
+    model = adapted_model(tiny_llama_dir, cfg.resolved())
+    from lora_studio.methods import adapter_layers
+
+    quantized = sum(layer.in_features * layer.out_features for layer in adapter_layers(model).values())
+    expected = full.weights_mb * MB - quantized * 4 + quantized * NF4_BYTES_PER_PARAM
+    assert nf4.weights_mb * MB == pytest.approx(expected)
+
+
+def test_estimate_for_examples_takes_the_longest_micro_batch(tiny_llama_dir):
+    from lora_studio.data import Example
+
+    cfg = TrainConfig(data="x", out="x", model=tiny_llama_dir, rank=4, batch_size=2).resolved()
+    examples = [Example([1] * n, [-100] * (n - 3) + [5, 5, 5]) for n in (10, 40, 25, 38)]
+    model = adapted_model(tiny_llama_dir, cfg)
+    est = estimate_for_examples(cfg, model, examples, torch.device("cpu"))
+    assert (est.micro_batch, est.seq_len) == (2, 40)
+    assert est.logits_mb * MB == 3 * 6 * model.config.vocab_size * 4  # 3 trained tokens in each of the 2 longest
+
+
+@pytest.mark.slow
+def test_activation_estimate_on_the_bundled_model():
+    cfg = TrainConfig(data="x", out="x", model="bundled", batch_size=2).resolved()
+    model = adapted_model("bundled", cfg)
+    batch = full_batch(model.config.vocab_size, 2, 96, trained_from=64)
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    measured = measured_saved_bytes(model, batch) - trained * model.config.vocab_size * 4
+    est = estimate(cfg, seq_len=96, trained_tokens=trained, device="cpu", model=model)
+    # The padding mask term (batch > 1) is absent here: no padding in this batch.
+    assert est.activations_mb * MB - 2 * 96 * 96 == pytest.approx(measured, rel=BAND)
