@@ -71,7 +71,8 @@ class TrainConfig:
     val_fraction: float = 0.0
     """Fraction of the training rows held out for the eval loss (0: none)."""
     packing: bool = False
-    """Pack several samples per row (no cross-sample attention) instead of padding them."""
+    """Pack several samples into rows of up to max_seq_len tokens (no cross-sample attention)
+    instead of padding them; batch_size then counts packed rows."""
     drop_invalid: bool = False
     """Drop rows with errors (and duplicate rows), counting them; False refuses such data."""
     method_options: dict[str, Any] = field(default_factory=dict)

@@ -100,7 +100,11 @@ def read_source(
     if hub is None:
         raise fatal(shown, "unreadable", "file not found")
     hub_name, hub_config, hub_split = hub
-    return read_hub(hub_name, config or hub_config, split or hub_split, name)
+    try:
+        return read_hub(hub_name, config or hub_config, split or hub_split, name)
+    except DataError as e:  # say both: the user may have meant a local file
+        problem = e.problems[0]
+        raise fatal(problem.file, problem.kind, "no such local file, and " + problem.message) from None
 
 
 def _kind(path: Path, head: bytes) -> str | None:

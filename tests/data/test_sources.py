@@ -187,7 +187,7 @@ def test_hub_dataset_offline_fails_clearly(monkeypatch):
         read_source("lora-studio-tests/no-such-dataset@train")
     problem = e.value.problems[0]
     assert problem.kind == "unreadable" and problem.file == "lora-studio-tests/no-such-dataset@train"
-    assert "cannot load the Hub dataset" in str(e.value) and "offline" in str(e.value)
+    assert "no such local file, and cannot load the Hub dataset" in str(e.value) and "offline" in str(e.value)
 
 
 def test_single_conversation_object_is_one_record(tmp_path):
