@@ -9,7 +9,6 @@ from typing import Any
 
 import pandas as pd
 
-FINAL = ("done", "stopped", "aborted", "failed")
 ACTIVE = ("queued", "starting", "running")
 
 

@@ -208,11 +208,12 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         if new_rows and new_rows[0]["step"] <= last:  # a resume rewrote the history
             state["rows"], new_rows = [], studio.runner.metrics(run_id)
         rows = state["rows"] + new_rows
-        state = {"run_id": run_id, "rows": rows, "state": st.get("state"), "step": st.get("step")}
         text = charts.status_markdown(run_id, st, str(studio.runner.run_dir(run_id).resolve()))
         bar = charts.progress_html(st, rows)
-        if not new_rows and not force:
-            return (state, text, bar, *([gr.skip()] * 4))
+        unchanged = not force and (text, bar) == (state.get("text"), state.get("bar"))
+        state = {"run_id": run_id, "rows": rows, "state": st.get("state"), "text": text, "bar": bar}
+        if not new_rows and not force:  # nothing new: leave the page as it is (no redraw, no flicker)
+            return (state, gr.skip() if unchanged else text, gr.skip() if unchanged else bar, *([gr.skip()] * 4))
         return (
             state,
             text,
@@ -236,9 +237,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         if not run_id:
             return (view_state, *([gr.skip()] * 6))
         studio.runner.poll()  # launch a queued run, mark a dead one (cheap; any visitor's page may do it)
-        if view_state.get("state") in charts.FINAL:
-            return (view_state, *([gr.skip()] * 6))
-        return redraw(run_id, view_state, force=False)
+        return redraw(run_id, view_state, force=False)  # a finished run is watched too: it may be resumed
 
     def attach(view_state):
         """On page load: the running run (else the newest) of this runs folder, drawn from its files."""
