@@ -157,3 +157,32 @@ def describe_votes(counts: dict[str, int]) -> str:
         f"{total} vote(s): tuned preferred {counts['tuned']}, base preferred {counts['base']}, "
         f"tie {counts['tie']}. Tuned win rate (ties left out): {rate}."
     )
+
+
+# ---------------------------------------------------------------- held-out prompts
+
+
+def heldout_prompts(run_dir: str | Path, tokenizer: object) -> list[dict[str, str]]:
+    """The run's validation rows as {"prompt", "reference"}: its `val_data` file, or the rows
+    its `val_fraction` held out (the same split the trainer made: same data, settings, seed).
+    The prompt is the conversation's first user turn; the reference is the reply that follows."""
+    from lora_studio.config import TrainConfig
+    from lora_studio.data import build_datasets, load_samples, parse_columns
+
+    cfg = TrainConfig.load(Path(run_dir) / "config.json")
+    if not cfg.val_data and not cfg.val_fraction:
+        raise ValueError("this run has no validation data (set a validation fraction or file when training)")
+    _, val, _ = build_datasets(cfg, tokenizer)
+    source = cfg.val_data or cfg.data
+    rows = {e.row for e in val}
+    samples, _ = load_samples(source, fmt=cfg.format, columns=parse_columns(cfg.columns), system_prompt=None)
+    out = []
+    for sample in samples:
+        if sample.row not in rows or not sample.messages:
+            continue
+        turns = [m for m in sample.messages if m["role"] != "system"]
+        if len(turns) >= 2 and turns[0]["role"] == "user":
+            out.append({"prompt": turns[0]["content"], "reference": turns[1]["content"]})
+    if not out:
+        raise ValueError("the run's validation rows hold no user prompt (plain-text data?)")
+    return out

@@ -3,6 +3,7 @@ mode with a vote tally; a batch mode that answers a prompt file and offers a CSV
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import time
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
-from lora_studio.chat import describe_votes, read_votes, record_vote
+from lora_studio.chat import describe_votes, heldout_prompts, read_votes, record_vote
 from lora_studio.compare import GenerationSettings, read_prompts
 from lora_studio.ui.common import Studio, friendly, plain_messages, run_picker
 
@@ -178,36 +179,51 @@ def _blind(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
 
 
 def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> None:
-    gr.Markdown("Upload prompts (JSONL with a `prompt` field, or plain text with one prompt per line).")
+    gr.Markdown(
+        "Upload prompts (JSONL with a `prompt` field, or plain text with one prompt per line), "
+        "or answer the run's validation rows (with their reference replies)."
+    )
     with gr.Row():
         prompts_file = gr.File(label="Prompts", file_types=[".jsonl", ".txt"], elem_id="batch-prompts")
-        go = gr.Button("Answer all", variant="primary", elem_id="batch-run")
+        with gr.Column():
+            source = gr.Radio(
+                [("uploaded prompts", "upload"), ("the run's validation rows", "validation")],
+                value="upload",
+                label="Answer",
+                elem_id="batch-source",
+            )
+            go = gr.Button("Answer all", variant="primary", elem_id="batch-run")
     table = gr.Dataframe(headers=BATCH_COLUMNS, label="Base vs tuned", wrap=True, elem_id="batch-table")
-    csv = gr.File(label="CSV", elem_id="batch-csv", interactive=False)
+    csv = gr.File(label="CSV", elem_id="batch-csv", interactive=False, height=90)
 
     @friendly
-
-    def run_batch(run_id, path, temperature, top_p, max_tokens):
+    def run_batch(run_id, path, which, temperature, top_p, max_tokens):
         run_dir = studio.run_dir(run_id, need_adapter=True)
-        if not path:
-            raise gr.Error("Upload a prompts file first.")
-        prompts = read_prompts(path)
+        if which == "validation":
+            config = json.loads((run_dir / "config.json").read_text())
+            items = heldout_prompts(run_dir, studio.tokenizer(config.get("model", "bundled")))
+        elif path:
+            items = [{"prompt": p} for p in read_prompts(path)]
+        else:
+            raise ValueError("Upload a prompts file first (or answer the run's validation rows).")
+        columns = ["prompt", *(["reference"] if "reference" in items[0] else []), "base", "tuned"]
         settings = _settings(temperature, top_p, max_tokens)
         rows: list[dict[str, str]] = []
-        for prompt in prompts:
-            row = {"prompt": prompt}
+        for item in items:
+            row = dict(item)
             for key, is_tuned in (("base", False), ("tuned", True)):
-                messages = [{"role": "user", "content": prompt}]
+                messages = [{"role": "user", "content": item["prompt"]}]
                 row[key] = studio.chat.reply(run_dir, messages, tuned=is_tuned, settings=settings)
             rows.append(row)
-            yield pd.DataFrame(rows, columns=BATCH_COLUMNS), None
-        out = Path(tempfile.mkdtemp(prefix="lora-studio-batch-")) / f"{run_id}-compare-{time.strftime('%Y%m%d-%H%M%S')}.csv"
-        pd.DataFrame(rows, columns=BATCH_COLUMNS).to_csv(out, index=False)
-        yield pd.DataFrame(rows, columns=BATCH_COLUMNS), str(out)
+            yield pd.DataFrame(rows, columns=columns), None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(tempfile.mkdtemp(prefix="lora-studio-batch-")) / f"{run_id}-compare-{stamp}.csv"
+        pd.DataFrame(rows, columns=columns).to_csv(out, index=False)
+        yield pd.DataFrame(rows, columns=columns), str(out)
 
     go.click(
         run_batch,
-        [run, prompts_file, *gen_inputs],
+        [run, prompts_file, source, *gen_inputs],
         [table, csv],
         api_name="batch",
         concurrency_id="model",

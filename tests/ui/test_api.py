@@ -85,7 +85,9 @@ def test_batch_table_and_csv(client, done_run, oracle, tmp_path):
     prompts = ["Say the word dog", "Say the word tiny", "hello world"]
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
-    table, csv_path = client.predict(done_run.name, handle_file(str(path)), *GREEDY.values(), api_name="/batch")
+    table, csv_path = client.predict(
+        done_run.name, handle_file(str(path)), "upload", *GREEDY.values(), api_name="/batch"
+    )
     assert table["headers"] == ["prompt", "base", "tuned"]
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
@@ -141,3 +143,22 @@ def test_model_card_records_method_data_settings_and_metrics(client, done_run):
     assert f"{rows[-1]['loss']:.4g}" in card
     assert "| rank | 4 |" in card and "| lr | 0.01 |" in card
     assert f"`{done_run.name}.jsonl`" in card
+
+
+def test_batch_on_the_runs_validation_rows(client, ui_runs_dir, tiny_llama_dir):
+    """The rows the trainer held out (val_fraction, seed), answered, with their references."""
+    import random
+
+    from lora_studio.config import TrainConfig
+    from lora_studio.train import train
+    from tests.conftest import format_rows, write_jsonl
+
+    rows = [{**r, "instruction": f"{r['instruction']} ({i})"} for i, r in enumerate(format_rows(16))]
+    data = write_jsonl(ui_runs_dir.parent / "val.jsonl", rows)
+    out = ui_runs_dir / "tiny-val"
+    cfg = TrainConfig(data=str(data), out=str(out), model=tiny_llama_dir, rank=4, batch_size=4, max_steps=2, val_fraction=0.25, seed=3)
+    assert train(cfg)["state"] == "done"
+    table, csv_path = client.predict("tiny-val", None, "validation", *GREEDY.values(), api_name="/batch")
+    held = sorted(random.Random(3).sample(range(16), 4))  # the split rule of data.split_examples
+    assert table["headers"] == ["prompt", "reference", "base", "tuned"]
+    assert [r[:2] for r in table["data"]] == [[rows[i]["instruction"], rows[i]["output"]] for i in held]
