@@ -119,7 +119,7 @@ def dropdown_update(choices: list[tuple[str, str]], current: str | None) -> dict
     return gr.update(choices=choices, value=value)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, TimeoutError, KeyError)
+USER_ERRORS = (ValueError, OSError, TimeoutError, KeyError)  # OSError: a model or file that cannot be read
 
 
 def friendly(fn: Callable) -> Callable:

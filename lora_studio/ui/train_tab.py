@@ -80,15 +80,22 @@ def build_config(values: dict[str, Any], selection: dict[str, Any] | None) -> Tr
 
 
 def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
+    import torch
+
     from lora_studio.memory import estimate
 
     cfg = cfg.resolved()
     est = estimate(cfg, seq_len=seq_len)
     share = 100.0 * est.trainable_params / max(1, est.total_params)
-    return (
+    text = (
         f"**Before you start** · trainable parameters: **{est.trainable_params:,}** of {est.total_params:,} "
         f"({share:.2f}%) · memory estimate: **{est.summary()}**"
     )
+    if cfg.quantize == "4bit" and not torch.cuda.is_available():
+        text += "\n\n⚠ A 4-bit base needs a CUDA GPU and this machine has none: untick it to train here."
+    if cfg.trust_remote_code:
+        text += "\n\n⚠ Trust remote code is on: the model repo's Python code will run on this machine."
+    return text
 
 
 def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model: gr.Dropdown, max_len: gr.Slider) -> gr.State:
