@@ -13,12 +13,6 @@ from lora_studio.ui.runs_tab import build_runs_tab
 from lora_studio.ui.settings import AppSettings
 from lora_studio.ui.train_tab import build_train_tab
 
-CSS = """
-.token-trained { background: #c8f7c5; border-bottom: 2px solid #2e9d2a; }
-.token-masked { color: #888; }
-.token-eos { background: #ffd966; font-weight: bold; }
-"""
-
 
 def build_app(settings: AppSettings | None = None) -> gr.Blocks:
     settings = settings or AppSettings.from_env()
@@ -66,7 +60,8 @@ def launch(settings: AppSettings, **kwargs) -> None:
         server_port=settings.port,
         auth=settings.auth,
         max_file_size=settings.max_upload,
-        css=CSS,
         footer_links=["api", "gradio"],
+        # Run history would keep every call's inputs in the browser, the Hub token included.
+        run_history=False,
         **kwargs,
     )

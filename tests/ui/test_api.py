@@ -136,6 +136,15 @@ def test_push_never_echoes_the_token(client, done_run, app):
     assert not any(secret in p.read_text(errors="ignore") for p in done_run.rglob("*") if p.is_file() and p.suffix != ".safetensors")
 
 
+def test_no_run_history_keeps_inputs_in_the_browser(app):
+    """Gradio's run history would store each call's inputs (a typed Hub token too) in the browser."""
+    import urllib.request
+
+    with urllib.request.urlopen(app.url + "config", timeout=10) as response:
+        config = json.loads(response.read())
+    assert config["run_history"] is False
+
+
 def test_model_card_records_method_data_settings_and_metrics(client, done_run):
     card = client.predict(done_run.name, api_name="/model_card")
     rows = [json.loads(line) for line in (done_run / "metrics.jsonl").read_text().splitlines()]
