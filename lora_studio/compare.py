@@ -49,18 +49,30 @@ class TunedModel:
         self.model.to(self.device).eval()
 
     def _input_ids(self, prompt: str) -> torch.Tensor:
-        messages = []
+        return self.messages_ids([{"role": "user", "content": prompt}])
+
+    def messages_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        """(1, T) prompt ids of a conversation, the run's system prompt put first."""
         if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": prompt})
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
     @torch.no_grad()
     def reply(self, prompt: str, tuned: bool, settings: GenerationSettings | None = None) -> str:
-        settings = settings or GenerationSettings()
         ids = self._input_ids(prompt)
+        kwargs = self.generate_kwargs(ids, settings)
+        if tuned:
+            out = self.model.generate(ids, **kwargs)
+        else:
+            with disable_adapter(self.model):
+                out = self.model.generate(ids, **kwargs)
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    def generate_kwargs(self, ids: torch.Tensor, settings: GenerationSettings | None = None) -> dict[str, Any]:
+        """Arguments of `generate` for these settings (greedy unless temperature > 0)."""
+        settings = settings or GenerationSettings()
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "eos_token_id": self.tokenizer.eos_token_id,
@@ -72,12 +84,7 @@ class TunedModel:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if tuned:
-            out = self.model.generate(ids, **kwargs)
-        else:
-            with disable_adapter(self.model):
-                out = self.model.generate(ids, **kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        return kwargs
 
 
 def read_prompts(path: str | Path) -> list[str]:
