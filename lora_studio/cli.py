@@ -109,9 +109,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run folder (or adapter folder)")
     p.add_argument("--prompts", required=True, help="JSONL with a prompt field, or one prompt per line")
     p.add_argument("--out", required=True, help="JSONL to write: prompt, base, tuned")
-    p.add_argument("--max-new-tokens", type=int, default=128, dest="max_new_tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="default: the run's saved setting (128)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the run's saved setting (greedy)")
+    p.add_argument("--top-p", type=float, dest="top_p", help="default: the run's saved setting (1.0)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -246,8 +246,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lora_studio.compare import GenerationSettings, TunedModel, compare, read_prompts
 
     prompts = read_prompts(args.prompts)
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     tuned = TunedModel(args.run)
+    saved = tuned.generation  # what the run recorded; flags given override it
+    settings = GenerationSettings(
+        args.max_new_tokens if args.max_new_tokens is not None else saved.max_new_tokens,
+        args.temperature if args.temperature is not None else saved.temperature,
+        args.top_p if args.top_p is not None else saved.top_p,
+        args.seed,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:

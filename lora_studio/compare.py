@@ -29,6 +29,19 @@ class GenerationSettings:
     """Seed for sampling, reset before each reply so base and tuned draw alike."""
 
 
+def default_generation(model: nn.Module) -> GenerationSettings:
+    """The settings chat and compare start from for a run: the model's own generation config
+    where it asks for sampling, else greedy; saved with the adapter so they are reused."""
+    config = getattr(model, "generation_config", None)
+    settings = GenerationSettings()
+    if config is not None and getattr(config, "do_sample", False):
+        settings.temperature = float(config.temperature or 1.0)
+        settings.top_p = float(config.top_p or 1.0)
+    if config is not None and getattr(config, "max_new_tokens", None):
+        settings.max_new_tokens = int(config.max_new_tokens)
+    return settings
+
+
 class TunedModel:
     """A base model with a run's adapter loaded, able to answer as base or as tuned."""
 
@@ -43,6 +56,8 @@ class TunedModel:
         if record.get("chat_template"):
             self.tokenizer.chat_template = record["chat_template"]
         self.system_prompt = record.get("system_prompt")
+        known = set(GenerationSettings.__dataclass_fields__)
+        self.generation = GenerationSettings(**{k: v for k, v in (record.get("generation") or {}).items() if k in known})
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: nn.Module = load_model(self.model_spec, trust_remote_code=trust, quantize=settings.get("quantize"))
         load_adapter(self.model, adapter_dir)
@@ -71,8 +86,8 @@ class TunedModel:
         return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
     def generate_kwargs(self, ids: torch.Tensor, settings: GenerationSettings | None = None) -> dict[str, Any]:
-        """Arguments of `generate` for these settings (greedy unless temperature > 0)."""
-        settings = settings or GenerationSettings()
+        """Arguments of `generate` for these settings (default: the run's saved settings)."""
+        settings = settings or self.generation
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "eos_token_id": self.tokenizer.eos_token_id,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,7 @@ from lora_studio.checkpoint import (
     tmp_dir,
     write_rank_rng,
 )
+from lora_studio.compare import default_generation
 from lora_studio.config import TrainConfig
 from lora_studio.redact import redact
 from lora_studio.data import (
@@ -723,6 +725,7 @@ def _save_outputs(loop: _Loop, step: int) -> None:
             "chat_template": tokenizer.chat_template,
             "eos_token": tokenizer.eos_token,
             "system_prompt": cfg.system_prompt,
+            "generation": dataclasses.asdict(default_generation(loop.model)),
             "step": step,
         },
     )
