@@ -19,6 +19,7 @@ from typing import Any
 from lora_studio.adapters import read_adapter_record
 from lora_studio.methods import REGISTRY
 from lora_studio.train import read_metrics, read_status
+from lora_studio.runfiles import atomic_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "lora_studio.json")
 CARD_SETTINGS = (
@@ -209,17 +210,9 @@ def save_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         tokenizer.chat_template = record["chat_template"]
     model = load_model(spec, trust_remote_code=trust)
     load_adapter(model, src)
-    # Written next to the target and renamed: an interrupted save never leaves half a model.
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=out.parent))
-    try:
+    with atomic_dir(out, prefix=".merged-") as tmp:
         merge_and_save(model, tokenizer, tmp)
         (tmp / "README.md").write_text(model_card(run_dir, "merged"))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -12,13 +12,16 @@ UI's polling import only this).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lora_studio.redact import redact
 
@@ -47,6 +50,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, prefix: str = ".tmp-") -> Iterator[Path]:
+    """Yield an empty folder next to `target`; when the block succeeds it replaces `target`,
+    when it fails it is removed. An interrupted save never leaves half a folder behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:
