@@ -31,8 +31,8 @@ Checked against measurements (scripts/memory_check.py prints the table; LoRA r=1
   saved activations, counted with autograd's saved-tensor hooks: the formula is within 1% on
   the tiny LLaMA and GPT-2 of the tests and on SmolLM2-135M (tests/test_memory.py holds it to
   ±10% on the tiny models). Peak RSS on CPU, SmolLM2-135M (bundled), 10 steps of
-  examples/json_answers.jsonl: see docs/memory.md for the table: error within ±15% from batch
-  1 to 16, with and without gradient checkpointing.
+  examples/json_answers.jsonl: error within ±15% from batch 1 to 16, with and without gradient
+  checkpointing (`python scripts/memory_check.py` prints the table; rerun it on your machine).
 """
 
 from __future__ import annotations
