@@ -19,8 +19,10 @@
 * logits: the LM head runs on trained positions only: 3 · N_trained · vocab · 4 B (the fp32
   logits, log-softmax saved for backward, and its gradient).
 * workspace: what the backward and the allocator add on top of the saved tensors (gradients
-  flowing through each block, freed intermediates the allocator keeps): 1.0 × activations
-  on CPU (measured, see below); 0.25 × on CUDA.
+  flowing through each block, freed intermediates the allocator keeps): on CPU 1.0 × the
+  activations, and with gradient checkpointing 0.5 × the activations the step would keep
+  without it (glibc retains freed block intermediates; both factors measured, see below);
+  0.25 × on CUDA (not measured: no GPU was available when this was written).
 * runtime: Python, torch, transformers and tokenizers in a CPU process (400 MB); on a GPU the
   CUDA context (about 500 MB) is outside torch's counters and not part of `total_mb`.
 
@@ -285,7 +287,14 @@ def estimate(
     if not arch.gated and arch.hidden is None:  # pragma: no cover - unknown layout
         notes.append("unknown architecture: activation formula of a LLaMA-style block")
     adapter = trainable * 4
-    workspace = activations * (1.0 if device_t.type == "cpu" else 0.25)
+    if device_t.type != "cpu":
+        workspace = 0.25 * activations
+    elif cfg.gradient_checkpointing:
+        # glibc keeps much of what each block's forward allocated and freed: measured, about
+        # half of what the same step would keep without checkpointing.
+        workspace = 0.5 * tokens * arch.layers * per_block * elem
+    else:
+        workspace = activations
     return MemoryEstimate(
         device=device_t.type,
         weights_mb=_weight_bytes(built, cfg, base_dtype, linears) / MB,
