@@ -1,47 +1,35 @@
 """LoRA Studio web app. Launch: `.venv/bin/python app.py` (http://localhost:7860).
 
-Until the full studio lands this page offers a chat with the bundled base model and the
-list of fine-tuning methods; training runs from the CLI (`python -m lora_studio train`).
+Settings come from environment variables (see lora_studio/ui/settings.py), which a Space sets
+in its settings; flags here override them for local use.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+from pathlib import Path
 
-import gradio as gr
-
-from lora_studio.methods import REGISTRY
+from lora_studio.ui import AppSettings, launch
 
 
-def build_app() -> gr.Blocks:
-    state: dict = {}
-
-    def reply(prompt: str) -> str:
-        import torch
-
-        from lora_studio.models import load_model, load_tokenizer
-
-        if "model" not in state:
-            state["tok"] = load_tokenizer("bundled")
-            state["model"] = load_model("bundled")
-        tok, model = state["tok"], state["model"]
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=96, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-    with gr.Blocks(title="LoRA Studio") as demo:
-        gr.Markdown("# LoRA Studio\nFine-tune a language model from your browser. Base model: bundled SmolLM2-135M-Instruct.")
-        gr.Markdown("\n".join(f"- **{m.title}** ({m.hook}): {m.summary}" for m in REGISTRY.values()))
-        prompt = gr.Textbox(label="Ask the base model", elem_id="chat-input")
-        answer = gr.Textbox(label="Base model", elem_id="chat-base")
-        prompt.submit(reply, prompt, answer)
-    return demo
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="LoRA Studio web app")
+    parser.add_argument("--runs-dir", help="folder for run folders (env LORA_STUDIO_RUNS_DIR, default ./runs)")
+    parser.add_argument("--model", help="model preselected for training: bundled, a Hub id or a folder")
+    parser.add_argument("--host", help="interface to listen on (env GRADIO_SERVER_NAME, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="port (env GRADIO_SERVER_PORT, default 7860)")
+    args = parser.parse_args(argv)
+    settings = AppSettings.from_env()
+    if args.runs_dir:
+        settings.runs_dir = Path(args.runs_dir)
+    if args.model:
+        settings.model = args.model
+    if args.host:
+        settings.host = args.host
+    if args.port:
+        settings.port = args.port
+    launch(settings)
 
 
 if __name__ == "__main__":
-    build_app().launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"),
-        server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-    )
+    main()

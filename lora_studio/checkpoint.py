@@ -75,12 +75,16 @@ def save_checkpoint(
 ) -> Path:
     """Finish the checkpoint of `step` (rank files already in its tmp folder), then swap it in."""
     folder = tmp_dir(run_dir, step)
-    folder.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_tensors.items()}
-    save_file(cpu, str(folder / "model.safetensors"), metadata={"step": str(step)})
-    torch.save(optimizer_state, folder / "optimizer.pt")
-    (folder / "state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True) + "\n")
-    _fsync_dir_files(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_tensors.items()}
+        save_file(cpu, str(folder / "model.safetensors"), metadata={"step": str(step)})
+        torch.save(optimizer_state, folder / "optimizer.pt")
+        (folder / "state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True) + "\n")
+        _fsync_dir_files(folder)
+    except BaseException:  # disk full, read-only, killed: drop the half-written copy (frees space too)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
     if final.exists():  # the same step saved again (stop right after a periodic save)
         shutil.rmtree(final)

@@ -12,6 +12,7 @@ from typing import Any
 from lora_studio.config import TrainConfig
 from lora_studio.data.formats import FORMATS
 from lora_studio.methods import REGISTRY
+from lora_studio.redact import redact
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -108,9 +109,9 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run folder (or adapter folder)")
     p.add_argument("--prompts", required=True, help="JSONL with a prompt field, or one prompt per line")
     p.add_argument("--out", required=True, help="JSONL to write: prompt, base, tuned")
-    p.add_argument("--max-new-tokens", type=int, default=128, dest="max_new_tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, dest="top_p")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="default: the run's saved setting (128)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the run's saved setting (greedy)")
+    p.add_argument("--top-p", type=float, dest="top_p", help="default: the run's saved setting (1.0)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -125,7 +126,10 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = TrainConfig.load(args.config).to_dict() if args.config else {}
+    try:
+        base = TrainConfig.load(args.config).to_dict() if args.config else {}
+    except (ValueError, TypeError) as e:  # binary junk, not JSON, not an object
+        raise ValueError(f"--config {args.config}: not a LoRA Studio config.json ({e})") from None
     names = set(TrainConfig.__dataclass_fields__) - {"method_options"}
     for name in names:
         value = getattr(args, name, None)
@@ -216,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not status:  # a DDP rank other than 0
         return 0
     if status.get("state") == "failed":
-        print(f"training failed: {status.get('error')}", file=sys.stderr)
+        print(f"training failed: {redact(status.get('error'))}", file=sys.stderr)
         return 1
     print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")
     return 0
@@ -242,8 +246,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lora_studio.compare import GenerationSettings, TunedModel, compare, read_prompts
 
     prompts = read_prompts(args.prompts)
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     tuned = TunedModel(args.run)
+    saved = tuned.generation  # what the run recorded; flags given override it
+    settings = GenerationSettings(
+        args.max_new_tokens if args.max_new_tokens is not None else saved.max_new_tokens,
+        args.temperature if args.temperature is not None else saved.temperature,
+        args.top_p if args.top_p is not None else saved.top_p,
+        args.seed,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
@@ -303,7 +313,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return cmd_bench(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback (LORA_STUDIO_DEBUG=1 shows it)
+        if os.environ.get("LORA_STUDIO_DEBUG"):
+            raise
+        print(f"error: {redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
     return 2

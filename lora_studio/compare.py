@@ -29,6 +29,19 @@ class GenerationSettings:
     """Seed for sampling, reset before each reply so base and tuned draw alike."""
 
 
+def default_generation(model: nn.Module) -> GenerationSettings:
+    """The settings chat and compare start from for a run: the model's own generation config
+    where it asks for sampling, else greedy; saved with the adapter so they are reused."""
+    config = getattr(model, "generation_config", None)
+    settings = GenerationSettings()
+    if config is not None and getattr(config, "do_sample", False):
+        settings.temperature = float(config.temperature or 1.0)
+        settings.top_p = float(config.top_p or 1.0)
+    if config is not None and getattr(config, "max_new_tokens", None):
+        settings.max_new_tokens = int(config.max_new_tokens)
+    return settings
+
+
 class TunedModel:
     """A base model with a run's adapter loaded, able to answer as base or as tuned."""
 
@@ -43,24 +56,38 @@ class TunedModel:
         if record.get("chat_template"):
             self.tokenizer.chat_template = record["chat_template"]
         self.system_prompt = record.get("system_prompt")
+        known = set(GenerationSettings.__dataclass_fields__)
+        self.generation = GenerationSettings(**{k: v for k, v in (record.get("generation") or {}).items() if k in known})
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model: nn.Module = load_model(self.model_spec, trust_remote_code=trust, quantize=settings.get("quantize"))
         load_adapter(self.model, adapter_dir)
         self.model.to(self.device).eval()
 
     def _input_ids(self, prompt: str) -> torch.Tensor:
-        messages = []
+        return self.messages_ids([{"role": "user", "content": prompt}])
+
+    def messages_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        """(1, T) prompt ids of a conversation, the run's system prompt put first."""
         if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": prompt})
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
     @torch.no_grad()
     def reply(self, prompt: str, tuned: bool, settings: GenerationSettings | None = None) -> str:
-        settings = settings or GenerationSettings()
         ids = self._input_ids(prompt)
+        kwargs = self.generate_kwargs(ids, settings)
+        if tuned:
+            out = self.model.generate(ids, **kwargs)
+        else:
+            with disable_adapter(self.model):
+                out = self.model.generate(ids, **kwargs)
+        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    def generate_kwargs(self, ids: torch.Tensor, settings: GenerationSettings | None = None) -> dict[str, Any]:
+        """Arguments of `generate` for these settings (default: the run's saved settings)."""
+        settings = settings or self.generation
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
             "eos_token_id": self.tokenizer.eos_token_id,
@@ -72,12 +99,7 @@ class TunedModel:
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if tuned:
-            out = self.model.generate(ids, **kwargs)
-        else:
-            with disable_adapter(self.model):
-                out = self.model.generate(ids, **kwargs)
-        return self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        return kwargs
 
 
 def read_prompts(path: str | Path) -> list[str]:

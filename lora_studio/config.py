@@ -185,5 +185,10 @@ class TrainConfig:
             problems.append(f"eval_every must be 0 or more (got {self.eval_every})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
+        from lora_studio.redact import looks_like_token
+
+        for name in ("model", "data", "val_data", "out", "target"):  # a token pasted in the wrong box
+            if looks_like_token(getattr(self, name)):
+                problems.append(f"{name} looks like an access token; tokens go in HF_TOKEN, never in run settings")
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))

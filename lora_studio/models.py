@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -54,15 +52,14 @@ def bundled_dir() -> Path:
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from safetensors.torch import save_model
+
+    from lora_studio.runfiles import atomic_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = bundled_gguf_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written next to the target and renamed, so a crash never leaves half a model behind.
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with atomic_dir(target, prefix=".convert-") as tmp:
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config.pop("quantization_config", None)
@@ -70,12 +67,6 @@ def bundled_dir() -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -97,6 +88,8 @@ def check_model_spec(spec: str) -> None:
         bundled_gguf_dir()
         return
     path = Path(spec)
+    if not path.exists() and (spec.startswith(("/", ".", "~")) or spec.count("/") > 1):
+        raise ValueError(f"model folder {spec!r} does not exist (a Hub id is owner/name)")
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"model {spec!r} is a file; give a folder saved by save_pretrained")
@@ -110,6 +103,7 @@ def check_model_spec(spec: str) -> None:
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    check_model_spec(spec)  # a folder without weights: say so, not what the tokenizer trips on
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
     except OSError as e:

@@ -12,13 +12,18 @@ UI's polling import only this).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from lora_studio.redact import redact
 
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -47,6 +52,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(target: Path, prefix: str = ".tmp-") -> Iterator[Path]:
+    """Yield an empty folder next to `target`; when the block succeeds it replaces `target`,
+    when it fails it is removed. An interrupted save never leaves half a folder behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -56,6 +77,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:
     path = Path(run_dir) / STATUS
+    for key in ("error", "log_tail", "message"):  # free text that may quote a token
+        if key in fields:
+            fields[key] = redact(fields[key])
     status = read_json(path)
     status.update(fields, state=state, updated_at=time.time())
     write_json_atomic(path, status)

@@ -241,7 +241,11 @@ class Runner:
         """The folder of `run_id`; ids that could leave runs_dir are refused."""
         if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
             raise ValueError(f"invalid run id {run_id!r}")
-        return self.runs_dir / run_id
+        path = self.runs_dir / run_id
+        # A symlinked run folder would let status/delete/resume read or write outside runs_dir.
+        if path.is_symlink() or (path.exists() and path.resolve().parent != self.runs_dir.resolve()):
+            raise ValueError(f"invalid run id {run_id!r}: its folder is a link out of {self.runs_dir}")
+        return path
 
     # ------------------------------------------------ internals
 
@@ -258,7 +262,7 @@ class Runner:
     def _run_dirs(self) -> list[Path]:
         return sorted(
             d for d in self.runs_dir.iterdir()
-            if d.is_dir() and _RUN_ID.match(d.name) and ((d / rf.STATUS).exists() or (d / "config.json").exists())
+            if d.is_dir() and not d.is_symlink() and _RUN_ID.match(d.name) and ((d / rf.STATUS).exists() or (d / "config.json").exists())
         )
 
     def _queued(self) -> list[dict[str, Any]]:

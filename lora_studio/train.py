@@ -22,6 +22,8 @@ states and the data position from the last checkpoint and continues bit for bit.
 from __future__ import annotations
 
 import contextlib
+import errno
+import dataclasses
 import json
 import math
 import os
@@ -54,7 +56,9 @@ from lora_studio.checkpoint import (
     tmp_dir,
     write_rank_rng,
 )
+from lora_studio.compare import default_generation
 from lora_studio.config import TrainConfig
+from lora_studio.redact import redact
 from lora_studio.data import (
     IGNORE_INDEX,
     build_datasets,
@@ -339,10 +343,10 @@ def train(
         with _signals_request_stop() as signalled:
             return _train(cfg, run_dir, env, on_step, should_stop, resume, signalled)
     except BaseException as e:  # noqa: BLE001 - every failure must end in a truthful status
+        with contextlib.suppress(OSError):  # the disk may be the thing that failed
+            (run_dir / ("error.log" if env.main else f"error-rank{env.rank}.log")).write_text(redact(traceback.format_exc()))
         if not env.main:
-            (run_dir / f"error-rank{env.rank}.log").write_text(traceback.format_exc())
             raise
-        (run_dir / "error.log").write_text(traceback.format_exc())
         if isinstance(e, KeyboardInterrupt):
             write_status(run_dir, "aborted", error="interrupted (Ctrl-C)", finished_at=time.time())
             raise
@@ -366,9 +370,16 @@ OOM_ADVICE = (
 
 
 def human_error(e: BaseException) -> str:
-    text = str(e) or e.__class__.__name__
+    text = redact(str(e) or e.__class__.__name__)
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return OOM_ADVICE
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        what = "is read-only" if e.errno == errno.EROFS else "is full"
+        where = f" writing {Path(e.filename).name}" if e.filename else ""
+        return (
+            f"the disk {what}{where} ({text}). Free space or fix the folder's permissions, then resume: "
+            "the last good checkpoint is kept"
+        )
     return text
 
 
@@ -416,6 +427,11 @@ class _Loop:
         self.tokenizer = parts["tokenizer"]
         self.examples = parts["examples"]
         self.val_examples = parts.get("val_examples") or []
+        if not cfg.packing and cfg.batch_size > len(self.examples):  # every step the same full batch: a typo
+            raise ValueError(
+                f"invalid training settings: batch_size ({cfg.batch_size}) is larger than the data "
+                f"({len(self.examples)} training examples); use a batch size of {len(self.examples)} or less"
+            )
         self.device: torch.device = parts["device"]
         self.method = get_method(cfg.method)
         self.autocast_dtype, _ = resolve_precision(cfg, self.device)
@@ -722,6 +738,7 @@ def _save_outputs(loop: _Loop, step: int) -> None:
             "chat_template": tokenizer.chat_template,
             "eos_token": tokenizer.eos_token,
             "system_prompt": cfg.system_prompt,
+            "generation": dataclasses.asdict(default_generation(loop.model)),
             "step": step,
         },
     )

@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-saved", action="store_true")
     parser.add_argument("--gpu", action="store_true", help="GPU set: a random SmolLM2-shaped model, bf16 and fp32")
+    parser.add_argument("--select", help="run only the training configurations whose flags contain this text")
     args = parser.parse_args()
     import torch
 
@@ -152,7 +153,10 @@ def main() -> None:
             ("bundled", "examples", examples, ["--batch-size", "16"]),
             ("bundled", "long", long, ["--batch-size", "8", "--max-seq-len", "256"]),
             ("bundled", "long", long, ["--batch-size", "8", "--max-seq-len", "256", "--grad-accum-steps", "2"]),
+            ("bundled", "long", long, ["--batch-size", "8", "--max-seq-len", "256", "--gradient-checkpointing"]),
         ]
+    if args.select:
+        configs = [c for c in configs if args.select in " ".join(c[3])]
     print("\n".join(run_table(configs, device)))
 
 

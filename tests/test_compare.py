@@ -93,3 +93,38 @@ def test_read_prompts_formats_and_errors(tmp_path):
         read_prompts(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="file not found"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_generation_settings_are_saved_with_the_run_and_reused(trained_run, tmp_path):
+    record = json.loads((trained_run / "adapter" / "lora_studio.json").read_text())
+    assert record["generation"] == {"max_new_tokens": 128, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    # A run whose record asks for other settings: compare uses them unless flags override.
+    record["generation"] = {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    (trained_run / "adapter" / "lora_studio.json").write_text(json.dumps(record))
+    try:
+        tuned = TunedModel(trained_run)
+        assert tuned.generation.max_new_tokens == 3
+        assert tuned.generate_kwargs(torch.ones(1, 2, dtype=torch.long))["max_new_tokens"] == 3
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("Say the word dog\n")
+        out = tmp_path / "o.jsonl"
+        assert main(["compare", "--run", str(trained_run), "--prompts", str(prompts), "--out", str(out)]) == 0
+        row = json.loads(out.read_text())
+        assert len(tuned.tokenizer(row["tuned"], add_special_tokens=False)["input_ids"]) <= 3
+    finally:
+        record["generation"]["max_new_tokens"] = 128
+        (trained_run / "adapter" / "lora_studio.json").write_text(json.dumps(record))
+
+
+def test_default_generation_follows_a_sampling_model_config():
+    from transformers import GenerationConfig
+
+    from lora_studio.compare import default_generation
+
+    class M(torch.nn.Module):
+        generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=64)
+
+    g = default_generation(M())
+    assert (g.temperature, g.top_p, g.max_new_tokens) == (0.7, 0.9, 64)
+    M.generation_config = GenerationConfig()
+    assert default_generation(M()).temperature == 0.0

@@ -16,6 +16,7 @@ refusing the whole file.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,12 +122,51 @@ def _decode(data: bytes, shown: str) -> str:
     return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
 
 
+MAX_MB_ENV = "LORA_STUDIO_MAX_UPLOAD_MB"
+DEFAULT_MAX_MB = 200.0
+# Leading bytes of binary formats people upload by mistake (a zipped export, a spreadsheet).
+_MAGIC = {
+    b"PK\x03\x04": "a zip archive (or an .xlsx/.docx file)",
+    b"\x1f\x8b": "a gzip archive",
+    b"PAR1": "a Parquet file",
+    b"\x89PNG": "a PNG image",
+    b"%PDF": "a PDF document",
+    b"\xd0\xcf\x11\xe0": "an old Office document",
+    b"7z\xbc\xaf": "a 7z archive",
+    b"\x7fELF": "a program",
+}
+
+
+def max_file_mb() -> float:
+    """The data file size limit in MB ($LORA_STUDIO_MAX_UPLOAD_MB, default 200; 0 = none)."""
+    try:
+        return float(os.environ.get(MAX_MB_ENV) or DEFAULT_MAX_MB)
+    except ValueError:
+        return DEFAULT_MAX_MB
+
+
+def _sniff_binary(head: bytes, kind: str, shown: str) -> None:
+    """Refuse a text-format file whose bytes are a binary format (checked before parsing)."""
+    for magic, what in _MAGIC.items():
+        if head.startswith(magic) and not (kind == "parquet" and magic == b"PAR1"):
+            raise fatal(shown, "unreadable", f"the file is {what}, not {kind.upper()} text")
+    if kind != "parquet" and b"\x00" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise fatal(shown, "unreadable", f"the file holds binary data (NUL bytes), not {kind.upper()} text")
+
+
 def read_file(path: Path, shown: str | None = None) -> RawData:
     shown = shown or str(path)
-    data = path.read_bytes()
-    kind = _kind(path, data[:64])
+    limit = max_file_mb()
+    size = path.stat().st_size
+    if limit > 0 and size > limit * 1024 * 1024:  # checked before a byte is read
+        raise fatal(shown, "unreadable", f"the file is {size / 2**20:.0f} MB, over the {limit:g} MB limit ({MAX_MB_ENV})")
+    with path.open("rb") as fh:
+        head = fh.read(8192)
+    kind = _kind(path, head[:64])
     if kind is None:
         raise fatal(shown, "unreadable", f"unsupported file type '{path.suffix}': use JSONL, JSON, CSV, TSV or Parquet")
+    _sniff_binary(head, kind, shown)
+    data = path.read_bytes()
     if kind == "parquet":
         return _read_parquet(path, shown)
     if kind in ("csv", "tsv"):
@@ -166,6 +206,9 @@ def _read_jsonl(text: str, shown: str) -> RawData:
         except json.JSONDecodeError as e:
             raw.problems.append(Problem(shown, lineno, None, "invalid_json", f"not valid JSON ({e.msg} at column {e.colno})"))
             continue
+        except RecursionError:
+            raw.problems.append(Problem(shown, lineno, None, "invalid_json", "JSON nested too deeply"))
+            continue
         if not isinstance(row, dict):
             raw.problems.append(
                 Problem(shown, lineno, None, "not_an_object", f"expected a JSON object, got {_json_type(row)}")
@@ -181,6 +224,8 @@ def _read_json(text: str, shown: str) -> RawData:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise fatal(shown, "unreadable", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise fatal(shown, "unreadable", "the JSON is nested too deeply to be training data") from None
     records = _records(doc)
     if records is None:
         raise fatal(

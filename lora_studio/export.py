@@ -1,0 +1,288 @@
+"""Exports of a finished run: the adapter as a zip (PEFT format), a merged full model, a
+push to the Hugging Face Hub, and the model card that goes with each.
+
+The card is generated from the run folder (config, status, metrics), so what it says about
+method, data, settings and results is what the run did. A Hub token is used for the one
+call that needs it and never written anywhere: not in the card, the run folder or a message.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lora_studio.adapters import read_adapter_record
+from lora_studio.methods import REGISTRY
+from lora_studio.train import read_metrics, read_status
+from lora_studio.runfiles import atomic_dir
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "lora_studio.json")
+CARD_SETTINGS = (
+    "method", "rank", "alpha", "dropout", "lr", "lr_ratio", "use_rslora", "epochs", "max_steps", "batch_size",
+    "max_seq_len", "target", "warmup_ratio", "weight_decay", "quantize", "seed",
+)  # fmt: skip
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return dict(read_adapter_record(run_dir / "adapter").get("settings", {}))
+
+
+def adapter_dir(run_dir: str | Path) -> Path:
+    folder = Path(run_dir) / "adapter"
+    if not (folder / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no saved adapter (adapter/adapter_config.json)")
+    return folder
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Figures the card reports: steps, losses, speed and memory, from the run's own files."""
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
+    evals = [r for r in rows if isinstance(r.get("eval_loss"), (int, float))]
+    speeds = [r["tokens_per_s"] for r in rows if isinstance(r.get("tokens_per_s"), (int, float))]
+    peak_keys = ("cuda_peak_mb", "peak_rss_mb")
+    peak = {k: max(r[k] for r in rows if k in r) for k in peak_keys if any(k in r for r in rows)}
+    return {
+        "state": status.get("state"),
+        "steps": status.get("step", len(rows)),
+        "total_steps": status.get("total_steps"),
+        "trainable_params": status.get("trainable_params"),
+        "total_params": status.get("total_params"),
+        "n_examples": status.get("n_examples"),
+        "n_truncated": status.get("n_truncated"),
+        "first_loss": train[0]["loss"] if train else None,
+        "final_loss": train[-1]["loss"] if train else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "elapsed_s": rows[-1].get("elapsed_s") if rows else None,
+        "median_tokens_per_s": statistics.median(speeds) if speeds else None,
+        **peak,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def model_card(run_dir: str | Path, kind: str = "adapter", repo_id: str | None = None) -> str:
+    """README.md for the Hub: front matter, method, data, settings, metrics, how to load it."""
+    run_dir = Path(run_dir)
+    record = read_adapter_record(adapter_dir(run_dir))
+    cfg = _config(run_dir)
+    summary = run_summary(run_dir)
+    method = REGISTRY.get(cfg.get("method", record.get("method", "")))
+    base = record.get("settings", {}).get("model") or cfg.get("model", "bundled")
+    from lora_studio.models import base_model_id
+
+    base_id = base_model_id(base)
+    is_hub_id = not Path(base_id).exists() and base_id.count("/") == 1
+    front = ["---"]
+    if is_hub_id:
+        front.append(f"base_model: {base_id}")
+    front += [
+        f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
+        "pipeline_tag: text-generation",
+        "tags:",
+        "- lora-studio",
+        f"- {cfg.get('method', 'lora')}",
+        "---",
+    ]
+    name = repo_id or run_dir.name
+    title = method.title if method else cfg.get("method", "?")
+    lines = [
+        *front,
+        f"# {name}",
+        "",
+        f"{'A' if kind == 'adapter' else 'A merged model from a'} **{title}** adapter for `{base_id}`, "
+        f"fine-tuned with LoRA Studio (run `{run_dir.name}`).",
+    ]
+    if method:
+        lines += ["", f"{method.summary} ({method.paper})"]
+    data = cfg.get("data") or ""
+    lines += [
+        "",
+        "## Training data",
+        "",
+        f"- file: `{Path(data).name if data else '—'}`",
+        f"- examples trained on: {_fmt(summary['n_examples'])} (truncated to max length: {_fmt(summary['n_truncated'])})",
+        f"- system prompt: {_fmt(cfg.get('system_prompt'))}",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(cfg.get(k))} |" for k in CARD_SETTINGS if k in cfg],
+    ]
+    options = cfg.get("method_options") or {}
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(options.items())]
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| state | {_fmt(summary['state'])} |",
+        f"| steps | {_fmt(summary['steps'])} of {_fmt(summary['total_steps'])} |",
+        f"| trainable parameters | {_fmt(summary['trainable_params'])} of {_fmt(summary['total_params'])} |",
+        f"| first / final train loss | {_fmt(summary['first_loss'])} / {_fmt(summary['final_loss'])} |",
+        f"| final eval loss | {_fmt(summary['final_eval_loss'])} |",
+        f"| training time (s) | {_fmt(summary['elapsed_s'])} |",
+        f"| median tokens/s | {_fmt(summary['median_tokens_per_s'])} |",
+    ]
+    for key, label in (("cuda_peak_mb", "peak GPU memory (MiB)"), ("peak_rss_mb", "peak process memory (MiB)")):
+        if key in summary:
+            lines.append(f"| {label} | {_fmt(summary[key])} |")
+    load_name = repo_id or "PATH_TO_THIS_FOLDER"
+    lines += ["", "## Use", "", "```python"]
+    if kind == "adapter":
+        lines += [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base_id}")',
+            f'model = PeftModel.from_pretrained(base, "{load_name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{base_id}")',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{load_name}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{load_name}")',
+        ]
+    lines += [
+        "```",
+        "",
+        "Prompt it through the chat template it was trained with (kept in `lora_studio.json`"
+        + (" and the tokenizer" if kind == "merged" else "")
+        + "), or replies may not stop at EOS.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def zip_adapter(run_dir: str | Path, dest_dir: str | Path | None = None) -> Path:
+    """`<run>-adapter.zip` holding one folder with the PEFT files, our record and the model card."""
+    run_dir = Path(run_dir)
+    src = adapter_dir(run_dir)
+    dest = Path(dest_dir or tempfile.mkdtemp(prefix="lora-studio-export-"))
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / f"{run_dir.name}-adapter.zip"
+    tmp = out.with_name("." + out.name + ".tmp")
+    folder = f"{run_dir.name}-adapter"
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ADAPTER_FILES:
+            if (src / name).exists():
+                zf.write(src / name, f"{folder}/{name}")
+        zf.writestr(f"{folder}/README.md", model_card(run_dir, "adapter"))
+    tmp.replace(out)
+    return out
+
+
+def save_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Fold the adapter into a full-precision copy of the base and save it (default RUN/merged).
+
+    A 4-bit (QLoRA) run is merged into the base loaded in full precision, as usual for QLoRA.
+    """
+    from lora_studio.adapters import load_adapter
+    from lora_studio.models import load_model, load_tokenizer
+    from lora_studio.train import save_merged as merge_and_save
+
+    run_dir = Path(run_dir)
+    src = adapter_dir(run_dir)
+    record = read_adapter_record(src)
+    spec = record.get("base_model") or record["settings"].get("model", "bundled")
+    trust = bool(record["settings"].get("trust_remote_code", False))
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    tokenizer = load_tokenizer(spec, trust)
+    if record.get("chat_template"):
+        tokenizer.chat_template = record["chat_template"]
+    model = load_model(spec, trust_remote_code=trust)
+    load_adapter(model, src)
+    with atomic_dir(out, prefix=".merged-") as tmp:
+        merge_and_save(model, tokenizer, tmp)
+        (tmp / "README.md").write_text(model_card(run_dir, "merged"))
+    return out
+
+
+def zip_folder(folder: str | Path, dest_dir: str | Path | None = None) -> Path:
+    folder = Path(folder)
+    dest = Path(dest_dir or tempfile.mkdtemp(prefix="lora-studio-export-"))
+    base = dest / folder.name
+    return Path(shutil.make_archive(str(base), "zip", root_dir=folder.parent, base_dir=folder.name))
+
+
+class HubError(RuntimeError):
+    """A failed push, with the token (if any) removed from the message."""
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def push_to_hub(
+    run_dir: str | Path,
+    repo_id: str,
+    token: str | None,
+    kind: str = "adapter",
+    private: bool = True,
+    api: Any = None,
+) -> str:
+    """Create (or reuse) `repo_id` and upload the adapter or the merged model with its card.
+
+    `token`: the one typed by the user, else `HF_TOKEN` from the environment (read here, so it
+    never passes through the UI). Returns the repo URL.
+    """
+    import os
+
+    if kind not in ("adapter", "merged"):
+        raise ValueError(f"kind must be 'adapter' or 'merged' (got {kind!r})")
+    repo_id = (repo_id or "").strip()
+    if not repo_id or repo_id.count("/") != 1 or any(c.isspace() for c in repo_id):
+        raise ValueError(f"give the Hub repo as user/name (got {repo_id!r})")
+    token = (token or "").strip() or os.environ.get("HF_TOKEN") or None
+    if not token:
+        raise ValueError("no Hub token: type one (write access) or set HF_TOKEN")
+    run_dir = Path(run_dir)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    staging = Path(tempfile.mkdtemp(prefix="lora-studio-push-"))
+    try:
+        if kind == "adapter":
+            src = adapter_dir(run_dir)
+            for name in ADAPTER_FILES:
+                if (src / name).exists():
+                    shutil.copy2(src / name, staging / name)
+            (staging / "README.md").write_text(model_card(run_dir, "adapter", repo_id))
+            folder = staging
+        else:
+            folder = run_dir / "merged"
+            if not (folder / "config.json").exists():
+                raise FileNotFoundError("save the merged model first (it goes to RUN/merged)")
+            (folder / "README.md").write_text(model_card(run_dir, "merged", repo_id))
+        try:
+            url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                token=token,
+                commit_message=f"LoRA Studio: {kind} from run {run_dir.name}",
+            )
+        except Exception as e:  # noqa: BLE001 - any Hub failure becomes one clean message
+            raise HubError(_scrub(f"push to {repo_id} failed: {e}", token)) from None
+        return str(url)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

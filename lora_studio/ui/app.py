@@ -1,0 +1,67 @@
+"""The page: a header and one tab per step of the journey (Data, Train, Runs, Compare, Export)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lora_studio.models import BUNDLED
+from lora_studio.ui.common import Studio, dropdown_update
+from lora_studio.ui.compare_tab import build_compare_tab
+from lora_studio.ui.data_tab import build_data_tab
+from lora_studio.ui.export_tab import build_export_tab
+from lora_studio.ui.runs_tab import build_runs_tab
+from lora_studio.ui.settings import AppSettings
+from lora_studio.ui.train_tab import build_train_tab
+
+
+def build_app(settings: AppSettings | None = None) -> gr.Blocks:
+    settings = settings or AppSettings.from_env()
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    studio = Studio(settings)
+    with gr.Blocks(title="LoRA Studio") as demo:
+        gr.Markdown(
+            "# LoRA Studio\nFine-tune a language model from your browser: "
+            "**Data** → **Train** → **Runs** → **Compare** → **Export**."
+        )
+        # Shown in the Train tab, read by the Data tab's preview too (template, truncation).
+        model = gr.Dropdown(
+            label="Base model: bundled, a Hub id or a local folder",
+            choices=list(dict.fromkeys([settings.model, BUNDLED])),
+            value=settings.model,
+            allow_custom_value=True,
+            elem_id="model",
+            render=False,
+        )
+        max_len = gr.Slider(32, 4096, value=512, step=32, label="Max length (tokens)", elem_id="max-len", render=False)
+        with gr.Tabs(elem_id="tabs"):
+            selection = build_data_tab(studio, model, max_len)
+            view = build_train_tab(studio, demo, selection, model, max_len)
+            build_runs_tab(studio, demo, view, view.outputs)
+            build_compare_tab(studio)
+            build_export_tab(studio)
+        run_pickers = [c for c in demo.blocks.values() if getattr(c, "elem_id", None) in ("compare-run", "export-run")]
+        demo.load(
+            lambda *current: [dropdown_update(studio.runs(need_adapter=True), c) for c in current],
+            run_pickers,
+            run_pickers,
+            api_visibility="undocumented",
+            queue=False,
+        )
+    demo.studio = studio  # type: ignore[attr-defined]  # for tests and app.py
+    return demo
+
+
+def launch(settings: AppSettings, **kwargs) -> None:
+    """Serve the app: queue on (one training start and one generation at a time), login if set."""
+    demo = build_app(settings)
+    demo.queue(default_concurrency_limit=1, max_size=64)
+    demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        auth=settings.auth,
+        max_file_size=settings.max_upload,
+        footer_links=["api", "gradio"],
+        # Run history would keep every call's inputs in the browser, the Hub token included.
+        run_history=False,
+        **kwargs,
+    )

@@ -1,0 +1,164 @@
+"""What every tab shares: the Studio context (settings, chat engine, runner), run lookup
+and small conversions between gradio values and plain Python."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import gradio as gr
+
+from lora_studio.chat import ChatEngine
+from lora_studio.runner import Runner
+from lora_studio.ui.settings import AppSettings
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class Studio:
+    """One per app process: shared by every visitor's session."""
+
+    settings: AppSettings
+    chat: ChatEngine = field(default_factory=ChatEngine)
+    runner: Runner = field(init=False)
+    _tokenizers: dict[str, Any] = field(default_factory=dict, init=False)
+    _tok_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    def __post_init__(self) -> None:
+        self.runner = Runner(self.settings.runs_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.settings.runs_dir
+
+    def run_dir(self, run_id: str | None, need_adapter: bool = False) -> Path:
+        """The folder of a run picked in a dropdown, refusing ids that could leave the runs folder."""
+        if not run_id:
+            raise gr.Error("Pick a run first (train one in the Train tab).")
+        if not RUN_ID.match(run_id) or ".." in run_id:
+            raise gr.Error(f"{run_id!r} is not a run id")
+        path = self.runs_dir / run_id
+        if not (path / "config.json").exists() and not (path / "status.json").exists():
+            raise gr.Error(f"run {run_id} not found in {self.runs_dir}")
+        if need_adapter and not (path / "adapter" / "adapter_config.json").exists():
+            raise gr.Error(f"run {run_id} has no saved adapter yet (it is saved when training ends or stops)")
+        return path
+
+    def runs(self, need_adapter: bool = False) -> list[tuple[str, str]]:
+        """(label, run id) of every run, newest first (as the runner sees them: a dead worker is failed)."""
+        choices = []
+        for status in self.runner.list_runs():
+            run_id = status["run_id"]
+            if need_adapter and not (self.runs_dir / run_id / "adapter" / "adapter_config.json").exists():
+                continue
+            choices.append((run_label(status), run_id))
+        return choices
+
+    def tokenizer(self, model: str) -> Any:
+        """The model's tokenizer (for previews), loaded once per model."""
+        from lora_studio.models import load_tokenizer
+
+        with self._tok_lock:
+            if model not in self._tokenizers:
+                self._tokenizers[model] = load_tokenizer(model)
+            return self._tokenizers[model]
+
+    def keep_upload(self, temp_path: str, original_name: str | None = None) -> Path:
+        """Copy an uploaded file into RUNS/.uploads under a name from its content, so a run's
+        config points at a file that outlives gradio's temporary cache (and sits on the same
+        persistent storage as the runs). `.uploads` can never be taken for a run id."""
+        data = Path(temp_path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(original_name or temp_path).name).lstrip(".")[-80:] or "data"
+        folder = self.runs_dir / ".uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{digest}-{stem}"
+        if not target.exists():
+            tmp = target.with_name("." + target.name + ".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return target
+
+
+def run_label(status: dict[str, Any]) -> str:
+    parts = [status["run_id"]]
+    if status.get("method"):
+        parts.append(status["method"])
+    if status.get("state"):
+        parts.append(f"{status['state']} at step {status.get('step', 0)}")
+    return " · ".join(parts)
+
+
+def message_text(content: Any) -> str:
+    """A chat message's text, whatever shape gradio hands it in (str, parts, dict)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def plain_messages(history: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """Chatbot value -> [{"role", "content": str}] for the chat template."""
+    return [{"role": m["role"], "content": message_text(m.get("content"))} for m in history or []]
+
+
+def dropdown_update(choices: list[tuple[str, str]], current: str | None) -> dict[str, Any]:
+    """Refresh a run dropdown, keeping the current pick when it still exists."""
+    ids = [value for _, value in choices]
+    value = current if current in ids else (ids[0] if ids else None)
+    return gr.update(choices=choices, value=value)
+
+
+USER_ERRORS = (ValueError, OSError, TimeoutError, KeyError)  # OSError: a model or file that cannot be read
+
+
+def friendly(fn: Callable) -> Callable:
+    """Show the user's own mistakes (bad file, missing run, busy model) as a message on the
+    page instead of gradio's bare "Error"; anything else is a bug and stays an error."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                raise gr.Error(str(e)) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+
+    return wrapper
+
+
+def run_picker(studio: Studio, tab: gr.Tab, elem_id: str, api_name: str | None = None) -> gr.Dropdown:
+    """A dropdown of the runs that have an adapter, with a refresh button; refreshed when its
+    tab is opened too (a run that just finished shows up without a reload)."""
+    with gr.Row():
+        run = gr.Dropdown(
+            label="Run", choices=studio.runs(need_adapter=True), elem_id=elem_id, scale=4, allow_custom_value=True
+        )
+        refresh = gr.Button("Refresh runs", size="sm", scale=1)
+
+    def update(current: str | None) -> dict[str, Any]:
+        return dropdown_update(studio.runs(need_adapter=True), current)
+
+    visibility = {"api_name": api_name} if api_name else {"api_visibility": "undocumented"}
+    refresh.click(update, run, run, queue=False, **visibility)
+    tab.select(update, run, run, queue=False, api_visibility="undocumented")
+    return run

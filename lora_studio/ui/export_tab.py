@@ -1,0 +1,75 @@
+"""Export tab: the adapter as a zip, a merged model, a push to the Hub, and the model card."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lora_studio import export
+from lora_studio.ui.common import Studio, friendly, run_picker
+
+
+def build_export_tab(studio: Studio) -> None:
+    with gr.Tab("Export", id="export") as tab:
+        run = run_picker(studio, tab, "export-run")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### Adapter (PEFT format)\nLoads with `PeftModel.from_pretrained`, vLLM or TGI.")
+                zip_button = gr.Button("Build adapter zip", variant="primary", elem_id="export-zip")
+                zip_file = gr.File(label="Adapter zip", elem_id="export-zip-file", interactive=False)
+            with gr.Column():
+                gr.Markdown("### Merged model\nThe adapter folded into the base weights: a plain transformers model.")
+                merge_button = gr.Button("Save merged model", elem_id="export-merge")
+                merged_zip = gr.Checkbox(label="Also offer it as a zip download (large)", value=False)
+                merged_info = gr.Markdown(elem_id="export-merge-info")
+                merged_file = gr.File(label="Merged model zip", interactive=False, height=90)
+        with gr.Accordion("Push to the Hugging Face Hub", open=False):
+            with gr.Row():
+                repo = gr.Textbox(label="Repository (user/name)", elem_id="hub-repo")
+                token = gr.Textbox(
+                    label="Token (write access; empty = use HF_TOKEN)", type="password", elem_id="hub-token"
+                )
+            with gr.Row():
+                kind = gr.Radio(["adapter", "merged"], value="adapter", label="What to push")
+                private = gr.Checkbox(label="Private repository", value=True)
+                push = gr.Button("Push", elem_id="hub-push")
+            push_info = gr.Markdown(elem_id="hub-result")
+        with gr.Accordion("Model card", open=False):
+            card = gr.Code(language="markdown", label="README.md", elem_id="export-card", interactive=False)
+
+        @friendly
+
+        def build_zip(run_id):
+            path = export.zip_adapter(studio.run_dir(run_id, need_adapter=True))
+            return str(path)
+
+        @friendly
+
+        def merge(run_id, offer_zip):
+            run_dir = studio.run_dir(run_id, need_adapter=True)
+            out = export.save_merged(run_dir)
+            note = f"Merged model saved to `{out}`."
+            return note, (str(export.zip_folder(out)) if offer_zip else None)
+
+        def push_run(run_id, repo_id, typed_token, what, is_private):
+            run_dir = studio.run_dir(run_id, need_adapter=True)
+            try:
+                url = export.push_to_hub(run_dir, repo_id, typed_token, kind=what, private=is_private)
+            except (ValueError, FileNotFoundError, export.HubError) as e:
+                # The field is cleared either way: the token is never sent back to the page.
+                return "", f"**Push failed:** {e}"
+            return "", f"Pushed the {what} to [{url}]({url})."
+
+        @friendly
+
+        def show_card(run_id):
+            if not run_id:
+                return ""
+            run_dir = studio.run_dir(run_id)
+            if not (run_dir / "adapter" / "adapter_config.json").exists():
+                return ""
+            return export.model_card(run_dir, "adapter")
+
+        zip_button.click(build_zip, run, zip_file, api_name="export_zip")
+        merge_button.click(merge, [run, merged_zip], [merged_info, merged_file], api_name="export_merged")
+        push.click(push_run, [run, repo, token, kind, private], [token, push_info], api_name="push_to_hub")
+        run.change(show_card, run, card, api_name="model_card")

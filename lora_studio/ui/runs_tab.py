@@ -1,0 +1,152 @@
+"""Runs tab: every run with its method, settings and final metrics; several runs' loss and
+memory curves overlaid (methods compared on the same data); resume; delete with confirmation."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from lora_studio.ui import charts
+from lora_studio.ui.common import Studio, friendly
+
+COLUMNS = [
+    "run", "state", "method", "model", "rank", "lr", "batch", "steps", "final loss", "eval loss",
+    "peak MiB", "estimate MiB", "trainable params", "data",
+]  # fmt: skip
+
+
+def _config(studio: Studio, run_id: str) -> dict[str, Any]:
+    path = studio.runs_dir / run_id / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def runs_table(studio: Studio) -> pd.DataFrame:
+    records = []
+    for st in studio.runner.list_runs():
+        cfg = _config(studio, st["run_id"])
+        peak = st.get("cuda_peak_mb", st.get("peak_rss_mb"))
+        records.append(
+            {
+                "run": st["run_id"],
+                "state": st.get("state"),
+                "method": cfg.get("method", st.get("method")),
+                "model": cfg.get("model", st.get("model")),
+                "rank": cfg.get("rank"),
+                "lr": cfg.get("lr"),
+                "batch": cfg.get("batch_size"),
+                "steps": f"{st.get('step', 0)}/{st.get('total_steps') or '?'}",
+                "final loss": _round(st.get("loss")),
+                "eval loss": _round(st.get("eval_loss")),
+                "peak MiB": _round(peak, 0),
+                "estimate MiB": _round(charts.estimate_mb(st), 0),
+                "trainable params": st.get("trainable_params"),
+                "data": data_name(cfg.get("data") or ""),
+            }
+        )
+    return pd.DataFrame(records, columns=COLUMNS)
+
+
+def data_name(data: str) -> str:
+    """A file's name as the user gave it (uploads are stored as `<digest>-<name>`)."""
+    name = data.rsplit("/", 1)[-1]
+    return re.sub(r"^[0-9a-f]{12}-", "", name) if "/.uploads/" in data else name
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    return round(float(value), digits) if isinstance(value, (int, float)) else None
+
+
+def overlay(studio: Studio, run_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Loss and memory of several runs on one pair of charts, one colour per run."""
+    losses, memory = [], []
+    for run_id in run_ids or []:
+        rows = studio.runner.metrics(run_id)
+        for r in charts.loss_frame(rows).to_dict("records"):
+            losses.append({"step": r["step"], "loss": r["loss"], "run": f"{run_id} ({r['series']})"})
+        for r in charts.memory_frame(rows, None).to_dict("records"):
+            memory.append({"step": r["step"], "MiB": r["MiB"], "run": run_id})
+    return charts.frame(losses, ["step", "loss", "run"]), charts.frame(memory, ["step", "MiB", "run"])
+
+
+def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs: list[gr.Component]) -> None:
+    with gr.Tab("Runs", id="runs") as tab:
+        with gr.Row():
+            refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
+        table = gr.Dataframe(value=runs_table(studio), label="Runs", elem_id="runs-table", interactive=False, wrap=True)
+        picked = gr.Dropdown(
+            label="Runs to overlay (same data: compare methods)",
+            choices=studio.runs(),
+            multiselect=True,
+            allow_custom_value=True,
+            elem_id="runs-pick",
+        )
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="loss", color="run", title="Loss", elem_id="runs-loss-plot", height=280)
+            memory_plot = gr.LinePlot(x="step", y="MiB", color="run", title="Memory (MiB)", elem_id="runs-memory-plot", height=280)
+        with gr.Row():
+            one = gr.Dropdown(label="Run", choices=studio.runs(), allow_custom_value=True, elem_id="runs-one")
+            show = gr.Button("Show in Train tab", elem_id="runs-show")
+            resume = gr.Button("Resume", elem_id="runs-resume")
+            delete = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
+        with gr.Row(visible=False) as confirm_row:
+            confirm_text = gr.Markdown()
+            confirm = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
+            cancel = gr.Button("Cancel", elem_id="runs-delete-cancel")
+        message = gr.Markdown(elem_id="runs-message")
+
+    def refreshed(current_pick, current_one):
+        choices = studio.runs()
+        ids = [v for _, v in choices]
+        return (
+            runs_table(studio),
+            gr.update(choices=choices, value=[r for r in current_pick or [] if r in ids]),
+            gr.update(choices=choices, value=current_one if current_one in ids else next(iter(ids), None)),
+        )
+
+    @friendly
+    def draw(run_ids):
+        for run_id in run_ids or []:
+            studio.runner.run_dir(run_id)  # refuses ids that could leave the runs folder
+        yield None, None  # a reset, so each run picked gets its colour (see charts.plot_value)
+        yield tuple(charts.plot_value(f) for f in overlay(studio, run_ids))
+
+    @friendly
+    def resume_run(run_id, view_state):
+        studio.run_dir(run_id)
+        studio.runner.resume(run_id)
+        message = f"Run **{run_id}** resumes from its last checkpoint; follow it in the Train tab."
+        for outputs in view.switch_to(run_id):
+            yield (message, *outputs)
+
+    def ask_delete(run_id):
+        if not run_id:
+            raise gr.Error("Pick a run first.")
+        studio.run_dir(run_id)
+        return gr.Row(visible=True), f"Delete **{run_id}** and all its files (adapter, checkpoints, metrics)?"
+
+    @friendly
+    def do_delete(run_id, current_pick):
+        studio.run_dir(run_id)
+        studio.runner.delete(run_id)
+        if studio.chat is not None:
+            studio.chat.unload()  # it may hold this run's adapter
+        table_value, pick, one_update = refreshed(current_pick, None)
+        return gr.Row(visible=False), f"Deleted {run_id}.", table_value, pick, one_update
+
+    pickers = [table, picked, one]
+    refresh.click(refreshed, [picked, one], pickers, api_name="runs", queue=False)
+    tab.select(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
+    demo.load(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
+    picked.change(draw, picked, [loss_plot, memory_plot], api_name="overlay")
+    show.click(view.switch_to, one, view_outputs, api_visibility="undocumented")
+    resume.click(resume_run, [one, view], [message, *view_outputs], api_name="resume", concurrency_id="train")
+    delete.click(ask_delete, one, [confirm_row, confirm_text], api_visibility="undocumented", queue=False)
+    cancel.click(lambda: gr.Row(visible=False), None, confirm_row, api_visibility="undocumented", queue=False)
+    confirm.click(do_delete, [one, picked], [confirm_row, message, *pickers], api_name="delete")

@@ -1,0 +1,274 @@
+"""Train tab: model, method and settings; trainable parameters and the memory estimate before
+starting; Start / Stop (save) / Abort; live progress and charts polled from the run folder.
+
+The page holds no training: Start hands a TrainConfig to the runner, which trains in its own
+process, and every chart is redrawn from the run folder. A reloaded page (or another
+visitor's) reattaches to the running run on load.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import gradio as gr
+
+from lora_studio.config import TrainConfig
+from lora_studio.methods import REGISTRY, get_method
+from lora_studio.models import BUNDLED
+from lora_studio.ui import charts
+from lora_studio.ui.common import Studio, friendly
+
+POLL_S = 1.5
+# Settings widgets, by TrainConfig field (the order of the event inputs).
+FIELDS = (
+    "model", "quantize", "method", "rank", "alpha", "lr", "lr_ratio", "epochs", "batch_size", "max_seq_len",
+    "dropout", "max_steps", "target", "seed", "warmup_ratio", "weight_decay", "use_rslora", "val_fraction",
+    "packing", "drop_invalid", "grad_accum_steps", "gradient_checkpointing", "precision", "checkpoint_every",
+    "eval_every", "method_options", "trust_remote_code",
+)  # fmt: skip
+
+
+def method_line(name: str) -> str:
+    m = get_method(name)
+    return f"**{m.title}**: {m.summary} *({m.paper})*"
+
+
+def _uses_lr_ratio(name: str) -> bool:
+    m = get_method(name)
+    return bool(getattr(m, "uses_lr_ratio", m.name == "lora-plus"))
+
+
+def method_defaults(name: str) -> tuple[Any, ...]:
+    """rank, alpha, lr, lr_ratio (+ its interactivity), dropout, method options for a method."""
+    cfg = TrainConfig(method=name).resolved()
+    options = {k: v for k, v in cfg.method_options.items()}
+    ratio = gr.update(value=cfg.lr_ratio, interactive=_uses_lr_ratio(name))
+    return (
+        method_line(name), cfg.rank, cfg.alpha, cfg.lr, ratio, cfg.dropout, json.dumps(options) if options else ""
+    )
+
+
+def build_config(values: dict[str, Any], selection: dict[str, Any] | None) -> TrainConfig:
+    """A TrainConfig from the widgets and the Data tab's choice (checked by the caller)."""
+    if not selection or not selection.get("data"):
+        raise ValueError("Pick the training data in the Data tab first.")
+    if selection.get("ok") is False:
+        raise ValueError("The data in the Data tab has problems: fix them, or tick 'Drop bad rows' in Advanced.")
+    v = dict(values)
+    options = (v.pop("method_options") or "").strip()
+    try:
+        method_options = json.loads(options) if options else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"method options must be JSON, e.g. {{\"d_initial\": 0.1}} ({e.msg})") from None
+    if not isinstance(method_options, dict):
+        raise ValueError("method options must be a JSON object")
+    ints = ("rank", "batch_size", "max_seq_len", "seed", "grad_accum_steps", "checkpoint_every", "eval_every")
+    for key in ints:
+        v[key] = int(v[key])
+    v["max_steps"] = int(v["max_steps"]) if v.get("max_steps") else None
+    v["quantize"] = "4bit" if v.pop("quantize") else None
+    v["model"] = (v.get("model") or BUNDLED).strip()
+    return TrainConfig(
+        data=selection["data"],
+        format=selection.get("format"),
+        columns=selection.get("columns") or {},
+        system_prompt=selection.get("system_prompt"),
+        method_options=method_options,
+        **v,
+    )
+
+
+def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
+    import torch
+
+    from lora_studio.memory import estimate
+
+    cfg = cfg.resolved()
+    est = estimate(cfg, seq_len=seq_len)
+    share = 100.0 * est.trainable_params / max(1, est.total_params)
+    text = (
+        f"**Before you start** · trainable parameters: **{est.trainable_params:,}** of {est.total_params:,} "
+        f"({share:.2f}%) · memory estimate: **{est.summary()}**"
+    )
+    if cfg.quantize == "4bit" and not torch.cuda.is_available():
+        text += "\n\n⚠ A 4-bit base needs a CUDA GPU and this machine has none: untick it to train here."
+    if cfg.trust_remote_code:
+        text += "\n\n⚠ Trust remote code is on: the model repo's Python code will run on this machine."
+    return text
+
+
+def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model: gr.Dropdown, max_len: gr.Slider) -> gr.State:
+    """Returns the per-visitor view state ({"run_id", "rows", "step"}) the Runs tab can point elsewhere."""
+    defaults = TrainConfig().resolved()
+    with gr.Tab("Train", id="train"):
+        view = gr.State({})
+        with gr.Row():
+            model.render()
+            quantize = gr.Checkbox(label="4-bit base (QLoRA; needs a CUDA GPU)", value=False, elem_id="quantize")
+        with gr.Row():
+            method = gr.Dropdown(
+                label="Method", choices=[(m.title, m.name) for m in REGISTRY.values()], value="lora", elem_id="method"
+            )
+            method_info = gr.Markdown(method_line("lora"), elem_id="method-summary")
+        with gr.Row():
+            rank = gr.Number(label="Rank r", value=defaults.rank, precision=0, minimum=1, elem_id="rank")
+            alpha = gr.Number(label="Alpha (scale = alpha / r)", value=defaults.alpha, elem_id="alpha")
+            lr = gr.Number(label="Learning rate", value=defaults.lr, elem_id="lr")
+            lr_ratio = gr.Number(
+                label="LR ratio ηB/ηA (LoRA+)", value=1.0, interactive=_uses_lr_ratio("lora"), elem_id="lr-ratio"
+            )
+        with gr.Row():
+            epochs = gr.Number(label="Epochs", value=1.0, minimum=0.01, elem_id="epochs")
+            batch_size = gr.Number(label="Batch size", value=8, precision=0, minimum=1, elem_id="batch-size")
+            max_len.render()
+        with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
+            with gr.Row():
+                dropout = gr.Number(label="Adapter dropout", value=defaults.dropout, minimum=0)
+                max_steps = gr.Number(label="Max steps (0 = by epochs)", value=0, precision=0, minimum=0, elem_id="max-steps")
+                target = gr.Textbox(label="Target layers", value="all-linear")
+                seed = gr.Number(label="Seed", value=0, precision=0)
+            with gr.Row():
+                warmup = gr.Number(label="Warmup ratio", value=0.03, minimum=0)
+                weight_decay = gr.Number(label="Weight decay", value=0.0, minimum=0)
+                rslora = gr.Checkbox(label="rsLoRA scaling (alpha / √r)", value=False)
+                val_fraction = gr.Number(label="Validation fraction (eval loss)", value=0.0, minimum=0, elem_id="val-fraction")
+            with gr.Row():
+                packing = gr.Checkbox(label="Pack samples (no padding)", value=False)
+                drop_invalid = gr.Checkbox(label="Drop bad rows (instead of refusing the data)", value=False)
+                accum = gr.Number(label="Gradient accumulation steps", value=1, precision=0, minimum=1)
+                checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, slower)", value=False)
+            with gr.Row():
+                precision = gr.Dropdown(label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto")
+                checkpoint_every = gr.Number(label="Checkpoint every N steps", value=50, precision=0, minimum=0)
+                eval_every = gr.Number(label="Eval every N steps", value=50, precision=0, minimum=0)
+                options = gr.Textbox(label="Method options (JSON)", value="", elem_id="method-options")
+            trust = gr.Checkbox(
+                label="⚠ Trust remote code: run Python code from the model's Hub repo (only for repos you trust)",
+                value=False,
+            )
+        preflight = gr.Markdown(elem_id="preflight")
+        with gr.Row():
+            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            stop = gr.Button("Stop (save)", elem_id="train-stop")
+            abort = gr.Button("Abort", variant="stop", elem_id="train-abort")
+        status = gr.Markdown(charts.status_markdown(None, {}), elem_id="run-status")
+        progress = gr.HTML(elem_id="train-progress")
+        with gr.Row():
+            loss_plot = gr.LinePlot(
+                x="step", y="loss", color="series", title="Loss", elem_id="loss-plot", height=260
+            )
+            memory_plot = gr.LinePlot(
+                x="step", y="MiB", color="series", title="Memory (MiB)", elem_id="memory-plot", height=260
+            )
+        with gr.Row():
+            lr_plot = gr.LinePlot(x="step", y="lr", color="series", title="Learning rate", elem_id="lr-plot", height=220)
+            speed_plot = gr.LinePlot(x="step", y="tokens/s", title="Tokens/s", elem_id="speed-plot", height=220)
+        timer = gr.Timer(POLL_S)
+
+    widgets = [
+        model, quantize, method, rank, alpha, lr, lr_ratio, epochs, batch_size, max_len, dropout, max_steps, target,
+        seed, warmup, weight_decay, rslora, val_fraction, packing, drop_invalid, accum, checkpointing, precision,
+        checkpoint_every, eval_every, options, trust,
+    ]  # fmt: skip
+    assert len(widgets) == len(FIELDS)
+
+    def values_of(args: tuple) -> dict[str, Any]:
+        return dict(zip(FIELDS, args))
+
+    method.change(
+        method_defaults, method, [method_info, rank, alpha, lr, lr_ratio, dropout, options], api_visibility="undocumented"
+    )
+
+    @friendly
+    def check(sel, *args):
+        try:
+            cfg = build_config(values_of(args), sel or {"data": "(data not chosen yet)"})
+            return preflight_text(cfg, (sel or {}).get("max_tokens"))
+        except Exception as e:  # noqa: BLE001 - shown as advice; Start reports it again as an error
+            return f"**Settings to fix:** {e}"
+
+    gr.on(
+        [w.change for w in (model, quantize, method, rank, alpha, lr, lr_ratio, batch_size, max_len, target, accum,
+                            checkpointing, precision, options)] + [selection.change, demo.load],
+        check, [selection, *widgets], preflight, trigger_mode="always_last", api_name="preflight",
+    )  # fmt: skip
+
+    outputs = [view, status, progress, loss_plot, memory_plot, lr_plot, speed_plot]
+
+    @friendly
+    def start_run(sel, *args):
+        cfg = build_config(values_of(args), sel)
+        yield from switch_to(studio.runner.start(cfg))
+
+    def redraw(run_id: str | None, view_state: dict | None = None, force: bool = True) -> tuple:
+        """Everything the live view shows, read from the run folder; gr.skip() where nothing changed."""
+        if not run_id:
+            return ({}, charts.status_markdown(None, {}), "", *([gr.skip()] * 4))
+        state = view_state if view_state and view_state.get("run_id") == run_id else {"run_id": run_id, "rows": []}
+        try:
+            st = studio.runner.status(run_id)
+        except (FileNotFoundError, ValueError):  # deleted meanwhile
+            return ({}, charts.status_markdown(None, {}), "", *([gr.skip()] * 4))
+        last = state["rows"][-1]["step"] if state["rows"] else 0
+        new_rows = studio.runner.metrics(run_id, since=last)
+        if new_rows and new_rows[0]["step"] <= last:  # a resume rewrote the history
+            state["rows"], new_rows = [], studio.runner.metrics(run_id)
+        rows = state["rows"] + new_rows
+        text = charts.status_markdown(run_id, st, str(studio.runner.run_dir(run_id).resolve()))
+        bar = charts.progress_html(st, rows)
+        unchanged = not force and (text, bar) == (state.get("text"), state.get("bar"))
+        state = {"run_id": run_id, "rows": rows, "state": st.get("state"), "text": text, "bar": bar}
+        if not new_rows and not force:  # nothing new: leave the page as it is (no redraw, no flicker)
+            return (state, gr.skip() if unchanged else text, gr.skip() if unchanged else bar, *([gr.skip()] * 4))
+        return (
+            state,
+            text,
+            bar,
+            charts.plot_value(charts.live_loss_frame(rows, bool(st.get("n_val_examples")))),
+            charts.plot_value(charts.memory_frame(rows, charts.estimate_mb(st))),
+            charts.plot_value(charts.lr_frame(rows)),
+            charts.plot_value(charts.speed_frame(rows)),
+        )
+
+    def switch_to(run_id: str | None):
+        """Point this page's view at a run: the plots are reset first, so the new run's series
+        get their colours (see charts.plot_value)."""
+        drawn = redraw(run_id)
+        yield (*drawn[:3], None, None, None, None)
+        yield drawn
+
+    def tick(view_state):
+        view_state = view_state or {}
+        run_id = view_state.get("run_id")
+        if not run_id:
+            return (view_state, *([gr.skip()] * 6))
+        studio.runner.poll()  # launch a queued run, mark a dead one (cheap; any visitor's page may do it)
+        return redraw(run_id, view_state, force=False)  # a finished run is watched too: it may be resumed
+
+    def attach(view_state):
+        """On page load: the running run (else the newest) of this runs folder, drawn from its files."""
+        runs = studio.runner.list_runs()
+        active = [r for r in runs if r.get("state") in charts.ACTIVE]
+        pick = (active or runs or [{}])[0].get("run_id")
+        return redraw(pick)
+
+    def request_stop(view_state, save: bool):
+        run_id = (view_state or {}).get("run_id")
+        if not run_id:
+            raise gr.Error("No run to stop.")
+        studio.runner.stop(run_id, save=save)
+        return redraw(run_id, view_state)
+
+    start.click(
+        start_run, [selection, *widgets], outputs, api_name="start", concurrency_id="train", concurrency_limit=1,
+        trigger_mode="once",
+    )  # fmt: skip
+    stop.click(lambda v: request_stop(v, True), view, outputs, api_name="stop", queue=False)
+    abort.click(lambda v: request_stop(v, False), view, outputs, api_name="abort", queue=False)
+    timer.tick(tick, view, outputs, api_visibility="undocumented", queue=False, show_progress="hidden")
+    demo.load(attach, view, outputs, api_name="attach", queue=False)
+    # The Runs tab points the view at another run (resume, show) through these.
+    view.switch_to = switch_to  # type: ignore[attr-defined]
+    view.outputs = outputs  # type: ignore[attr-defined]
+    return view

@@ -1,0 +1,102 @@
+"""Faults while checkpointing: the disk fills up or turns read-only in the middle of writing a
+checkpoint. The last good checkpoint stays readable, the run is failed with a message that
+says what happened, no half-written copy is left, and a resume gives the same losses as a run
+that never failed. (kill -9 of the worker: tests/test_runner.py.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+import lora_studio.checkpoint as ckpt
+from lora_studio.checkpoint import latest_checkpoint, load_checkpoint
+from lora_studio.config import TrainConfig
+from lora_studio.runfiles import read_metrics, read_status
+from lora_studio.train import train
+
+FAULTS = {
+    "disk_full": (errno.ENOSPC, "disk is full"),
+    "read_only": (errno.EROFS, "disk is read-only"),
+}
+
+
+def cfg(out, model_dir, data, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model=model_dir, rank=4, batch_size=5, epochs=3, max_steps=6,
+                checkpoint_every=2, eval_every=0, dropout=0.1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+@pytest.mark.parametrize("target", ["model", "optimizer"])
+def test_fault_while_checkpointing_keeps_the_last_good_one_and_resumes(
+    tiny_llama_dir, train_file, tmp_path, monkeypatch, fault, target
+):
+    code, words = FAULTS[fault]
+    reference = train(cfg(tmp_path / "ref", tiny_llama_dir, train_file))
+    assert reference["state"] == "done"
+
+    calls = {"n": 0}
+    real_save_file, real_torch_save = ckpt.save_file, ckpt.torch.save
+
+    def fail_second(path) -> None:
+        # The second checkpoint (step 4): half the bytes land, then the write fails.
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with open(path, "wb") as fh:
+                fh.write(b"\x00" * 100)
+            raise OSError(code, os.strerror(code), str(path))
+
+    def save_file(tensors, path, metadata=None):
+        if str(path).endswith("model.safetensors") and target == "model":
+            fail_second(path)
+        return real_save_file(tensors, path, metadata=metadata)
+
+    def torch_save(obj, path, *a, **k):
+        if str(path).endswith("optimizer.pt") and target == "optimizer":
+            fail_second(path)
+        return real_torch_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(ckpt.torch, "save", torch_save)
+    run = tmp_path / "run"
+    failed = train(cfg(run, tiny_llama_dir, train_file))
+    assert failed["state"] == "failed"
+    assert words in failed["error"] and "resume" in failed["error"]
+    assert read_status(run)["state"] == "failed"  # written, not only returned
+
+    good = latest_checkpoint(run)
+    assert good is not None and good.name == "step-000002"
+    loaded = load_checkpoint(good, 0, torch.device("cpu"))  # readable, complete
+    assert loaded["state"]["step"] == 2 and loaded["model"]
+    assert not list((run / "checkpoints").glob("*.tmp"))  # the half-written copy is gone
+
+    monkeypatch.undo()  # space freed
+    resumed = train(TrainConfig.load(run / "config.json"), resume=True)
+    assert resumed["state"] == "done" and resumed["resumed_from"] == 2
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
+
+
+def test_a_failed_status_write_never_leaves_a_broken_status(tmp_path, monkeypatch):
+    """status.json is replaced atomically: a write that fails midway keeps the old one whole."""
+    from pathlib import Path
+
+    from lora_studio import runfiles as rf
+
+    rf.write_status(tmp_path, rf.RUNNING, step=3)
+    real = Path.write_text
+
+    def full(self, *a, **k):
+        real(self, '{"half', encoding="utf-8")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        rf.write_status(tmp_path, rf.RUNNING, step=4)
+    monkeypatch.undo()
+    assert rf.read_status(tmp_path)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == [rf.STATUS]  # no temp file left
