@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_studio train|compare|inspect|runs ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|inspect|runs|bench ...` (headless, same engine as the UI)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (pays on long GPU runs only)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument(
         "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
@@ -293,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     _compare_parser(sub)
     _inspect_parser(sub)
     _runs_parser(sub)
+    from lora_studio.bench import add_parser as _bench_parser
+
+    _bench_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -305,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "bench":
+            from lora_studio.bench import cmd_bench
+
+            return cmd_bench(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2

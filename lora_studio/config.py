@@ -84,8 +84,13 @@ class TrainConfig:
     """Recompute each block's activations in the backward instead of keeping them: about a
     third slower, activation memory from one per block to one block's worth."""
     precision: str = "auto"
-    """`auto` (bf16 autocast on a GPU that has it, else fp16 on GPU, fp32 on CPU), `fp32`,
-    `bf16` or `fp16` (GPU only). With bf16 on a GPU the frozen base is also stored in bf16."""
+    """`auto`: on a GPU bf16 autocast where it has bf16, else fp16; on a CPU bf16 autocast where
+    bf16 products measure faster than fp32 ones (AMX, AMD Zen 4), else fp32. `fp32`, `bf16` or
+    `fp16` (GPU only). With bf16 the frozen base is stored in bf16 (on a CPU only the linear
+    weights: the same products as autocast over fp32 weights); adapter weights stay fp32."""
+    compile: bool = False
+    """torch.compile the model body. Compiling takes minutes on a few CPU cores, more than it
+    saves on short jobs; worth trying for long runs on a GPU."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N
     optimizer steps; 0 saves only when the run stops or ends."""

@@ -16,8 +16,9 @@
   The layer inputs that only the adapter keeps (2h + i) are dropped for LoRA-FA; VeRA adds
   r + d_out and DoRA 2·d_out per adapted linear; adapter dropout adds d_in (+1 byte mask).
   With gradient checkpointing: h per block, plus one block recomputed during its backward.
-* logits: the LM head runs on trained positions only: 3 · N_trained · vocab · 4 B (the fp32
-  logits, log-softmax saved for backward, and its gradient).
+* logits: the LM head runs on trained positions only, in chunks (speed.linear_cross_entropy):
+  one chunk's fp32 logits at a time (half again under autocast, whose bf16 logits are copied
+  to fp32), and d loss / d hidden, N_trained · h · 4 B, kept for backward.
 * workspace: what the backward and the allocator add on top of the saved tensors (gradients
   flowing through each block, freed intermediates the allocator keeps): on CPU 1.0 × the
   activations, and with gradient checkpointing 0.5 × the activations the step would keep
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 from lora_studio.config import TrainConfig
+from lora_studio.speed import LOSS_CHUNK_BYTES
 
 MB = 2**20
 CPU_RUNTIME_MB = 400.0
@@ -282,7 +284,8 @@ def estimate(
         saved = arch.layers * per_block
     saved += arch.hidden + 2  # the final norm
     activations = tokens * saved * elem + (micro * seq * seq if micro > 1 else 0)  # + the padding mask (bool)
-    logits = 3 * trained * arch.vocab * 4
+    chunk = min(trained, max(16, LOSS_CHUNK_BYTES // (4 * arch.vocab)))
+    logits = chunk * arch.vocab * (6 if autocast is not None else 4) + trained * arch.hidden * 4
     if trained_tokens is None:
         notes.append("assumed half of the tokens are trained (response-only masking)")
     if not arch.gated and arch.hidden is None:  # pragma: no cover - unknown layout

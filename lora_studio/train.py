@@ -81,6 +81,7 @@ from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers im
     write_json_atomic,
     write_status,
 )
+from lora_studio.speed import bf16_pays, linear_cross_entropy, store_frozen_linears, trained_hidden_states
 
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -137,11 +138,14 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     if post_processes_logits or not hasattr(model, "base_model") or model.base_model is model:
         logits = model(**inputs).logits
         logits = logits[:, :-1][keep]  # (N, V)
+        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
     else:
-        hidden = model.base_model(**inputs)
-        hidden = hidden.last_hidden_state[:, :-1][keep]  # (N, H)
-        logits = model.get_output_embeddings()(hidden)  # (N, V)
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        if "position_ids" in inputs:
+            hidden = model.base_model(**inputs).last_hidden_state[:, :-1][keep]  # (N, H)
+        else:  # rows as a prefix tree: a prompt prefix they share runs once, no padding (speed.py)
+            hidden = trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+        # LM head and cross-entropy in chunks: never all (N, V) logits in fp32 at once.
+        loss = linear_cross_entropy(hidden, model.get_output_embeddings(), labels[keep])
     return loss, int(keep.sum())
 
 
@@ -197,6 +201,9 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dty
     if device.type != "cuda":
         if precision == "fp16":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
+        if precision == "auto":  # bf16 where its products measure faster (AMX, Zen 4), not merely exist
+            precision = "bf16" if cfg.quantize is None and bf16_pays(device) else "fp32"
+        # Loaded in fp32; prepare() then stores the frozen linear weights in bf16.
         return (torch.bfloat16 if precision == "bf16" else None), torch.float32
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -291,6 +298,12 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
         examples = pack_examples(examples, cfg.max_seq_len)
     torch.manual_seed(cfg.seed)  # adapter init
     names = inject_adapters(model, method, cfg)
+    autocast_dtype, _ = resolve_precision(cfg, device)
+    writes_base = method.after_step is not None  # Delta-LoRA adds to W0: keep it exact
+    if autocast_dtype == torch.bfloat16 and base_dtype == torch.float32 and not (writes_base or cfg.merge or cfg.quantize):
+        store_frozen_linears(model, torch.bfloat16)  # autocast rounds them to bf16 anyway: same products
+    if cfg.compile:
+        model.base_model.compile(dynamic=True)  # in place: causal_lm_loss calls the body directly
     return {
         "model": model,
         "tokenizer": tokenizer,

@@ -48,11 +48,13 @@ def full_batch(vocab: int, batch: int, length: int, trained_from: int) -> dict[s
 
 @pytest.mark.parametrize("rank,length", [(4, 48), (8, 96)])
 def test_activation_estimate_matches_saved_tensors(tiny_model_dir, rank, length):
-    cfg = TrainConfig(data="x", out="x", model=tiny_model_dir, rank=rank, batch_size=1).resolved()
+    # fp32: measured without autocast (auto would pick bf16 on a CPU where bf16 pays).
+    cfg = TrainConfig(data="x", out="x", model=tiny_model_dir, rank=rank, batch_size=1, precision="fp32").resolved()
     model = adapted_model(tiny_model_dir, cfg)
     batch = full_batch(model.config.vocab_size, 1, length, trained_from=length // 2)
     trained = int((batch["labels"][:, 1:] != -100).sum())
-    measured = measured_saved_bytes(model, batch) - trained * model.config.vocab_size * 4  # minus the log-softmax
+    hidden = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    measured = measured_saved_bytes(model, batch) - trained * hidden * 4  # minus the loss's d/dhidden (logits_mb)
     est = estimate(cfg, seq_len=length, trained_tokens=trained, device="cpu", model=model)
     assert est.activations_mb * MB == pytest.approx(measured, rel=BAND)
 
@@ -103,16 +105,17 @@ def test_estimate_for_examples_takes_the_longest_micro_batch(tiny_llama_dir):
     model = adapted_model(tiny_llama_dir, cfg)
     est = estimate_for_examples(cfg, model, examples, torch.device("cpu"))
     assert (est.micro_batch, est.seq_len) == (2, 40)
-    assert est.logits_mb * MB == 3 * 6 * model.config.vocab_size * 4  # 3 trained tokens in each of the 2 longest
+    # 3 trained tokens in each of the 2 longest: one chunk of 6 fp32 logit rows, and d/dhidden for the 6.
+    assert est.logits_mb * MB == 6 * model.config.vocab_size * 4 + 6 * model.config.hidden_size * 4
 
 
 @pytest.mark.slow
 def test_activation_estimate_on_the_bundled_model():
-    cfg = TrainConfig(data="x", out="x", model="bundled", batch_size=2).resolved()
+    cfg = TrainConfig(data="x", out="x", model="bundled", batch_size=2, precision="fp32").resolved()
     model = adapted_model("bundled", cfg)
     batch = full_batch(model.config.vocab_size, 2, 96, trained_from=64)
     trained = int((batch["labels"][:, 1:] != -100).sum())
-    measured = measured_saved_bytes(model, batch) - trained * model.config.vocab_size * 4
+    measured = measured_saved_bytes(model, batch) - trained * model.config.hidden_size * 4  # minus d/dhidden
     est = estimate(cfg, seq_len=96, trained_tokens=trained, device="cpu", model=model)
     # The padding mask term (batch > 1) is absent here: no padding in this batch.
     assert est.activations_mb * MB - 2 * 96 * 96 == pytest.approx(measured, rel=BAND)

@@ -1,0 +1,258 @@
+"""The engine's speed paths compute what the plain paths compute: the chunked LM-head loss
+against F.cross_entropy, the prefix-tree packed forward against the padded call (states and
+LoRA gradients), bf16 storage of frozen linears against autocast over fp32 weights."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora_studio import speed
+from lora_studio import train as train_mod
+from lora_studio.config import TrainConfig
+from lora_studio.data import IGNORE_INDEX
+from lora_studio.methods import get_method, inject_adapters, trainable_parameters
+from lora_studio.models import load_model
+from lora_studio.train import causal_lm_loss
+from tests.helpers import perturb
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_matches_cross_entropy(chunk, bias):
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias).double().requires_grad_(False)
+    hidden = torch.randn(23, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    expected = F.cross_entropy(head(hidden), targets, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected * 0.7, hidden)
+    got = speed.linear_cross_entropy(hidden, head, targets, chunk=chunk)
+    (got_grad,) = torch.autograd.grad(got * 0.7, hidden)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert torch.allclose(got_grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_without_grad_and_with_a_trainable_head():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 30)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    targets = torch.randint(0, 30, (5,))
+    # A trainable head takes the plain path: its weight gets a gradient.
+    speed.linear_cross_entropy(hidden, head, targets).backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    head.requires_grad_(False)
+    with torch.no_grad():
+        loss = speed.linear_cross_entropy(hidden, head, targets, chunk=2)
+    assert loss.item() == pytest.approx(F.cross_entropy(head(hidden), targets, reduction="sum").item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- packing
+
+
+def test_plan_packing_builds_the_prefix_tree_by_hand():
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9], [5, 4, 0, 0]])
+    plan = speed.plan_packing(ids, [3, 4, 2])
+    # Nodes: 5, 6, 7 (row 0); 8, 9 (row 1 after the shared 5 6); 4 (row 2 after 5).
+    assert plan.input_ids.tolist() == [[5, 6, 7, 8, 9, 4]]
+    assert plan.position_ids.tolist() == [[0, 1, 2, 2, 3, 1]]
+    assert plan.index.tolist() == [[0, 1, 2, 0], [0, 1, 3, 4], [0, 5, 0, 0]]
+    allowed = plan.mask[0, 0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],  # 8 sees 5 6 and itself, not row 0's 7
+        [1, 1, 0, 1, 1, 0],
+        [1, 0, 0, 0, 0, 1],
+    ]
+    side_by_side = speed.plan_packing(ids, [3, 4, 2], share=False)
+    assert side_by_side.input_ids.shape[1] == 9
+
+
+def _lora_model(model_dir: str) -> nn.Module:
+    model = load_model(model_dir)
+    cfg = TrainConfig(data="x", out="x", rank=4, precision="fp32").resolved()
+    torch.manual_seed(0)
+    inject_adapters(model, get_method("lora"), cfg)
+    perturb(model)
+    return model.double()  # after injection, so the adapter is float64 too
+
+
+def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (4, 20), generator=gen)
+    ids[:, :9] = ids[0, :9]  # a shared prompt prefix
+    ids[1, 9:12] = ids[0, 9:12]  # and rows 0, 1 share three more tokens
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0
+    mask[3, 17:] = 0
+    labels = ids.clone()
+    labels[:, :12] = IGNORE_INDEX
+    labels[mask == 0] = IGNORE_INDEX
+    labels[0, 19] = IGNORE_INDEX  # a trailing untrained token: row 0 stops one position earlier
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_packed_states_and_gradients_equal_the_padded_call(tiny_model_dir, monkeypatch):
+    model = _lora_model(tiny_model_dir)
+    model.eval()  # the tiny GPT-2 has dropout: keep both passes deterministic (gradients still flow)
+    body = model.base_model
+    batch = _batch(model.config.vocab_size)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    params = list(trainable_parameters(model).values())
+
+    plain = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1][keep]
+    weights = torch.randn_like(plain)
+    plain_grads = torch.autograd.grad((plain * weights).sum(), params)
+
+    calls = []
+    real = speed._packed_forward
+    monkeypatch.setattr(speed, "_packed_forward", lambda b, plan: calls.append(plan) or real(b, plan))
+    packed = speed.trained_hidden_states(body, batch["input_ids"], batch["attention_mask"], keep)
+    packed_grads = torch.autograd.grad((packed * weights).sum(), params)
+
+    plan = calls[-1]
+    # Each row stops at its last position with a trained target: 18, 19 (the last token predicts
+    # nothing), 14 and 16 positions. Tree: 9 shared, row 0's 9 more, row 1's 7 after 3 shared
+    # with row 0, then 5 and 7.
+    assert plan.lengths == [18, 19, 14, 16]
+    assert plan.input_ids.shape[1] == 9 + 9 + 7 + 5 + 7
+    assert torch.allclose(packed, plain, rtol=1e-9, atol=1e-10)
+    for got, want in zip(packed_grads, plain_grads):
+        # float64, though rotary angles are computed in float32 on both paths: 1e-7 of the
+        # largest entry is far below what a wrong mask or position would move (order 1).
+        assert (got - want).abs().max() <= 1e-7 * want.abs().max()
+
+
+def test_causal_lm_loss_equals_the_model_own_loss(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    model.eval()
+    batch = _batch(model.config.vocab_size, seed=1)
+    loss_sum, n = causal_lm_loss(model, batch)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    assert n == int((labels != IGNORE_INDEX).sum())
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_dropout_keeps_rows_apart_and_checkpointing_uses_the_plain_call(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    cfg = TrainConfig(data="x", out="x", rank=4, dropout=0.1).resolved()
+    inject_adapters(model, get_method("lora"), cfg)
+    model.train()
+    assert speed._drops_out(model.base_model)
+    model.eval()
+    assert not speed._drops_out(model.base_model)
+    model.train()
+    model.base_model.gradient_checkpointing = True
+    batch = _batch(model.config.vocab_size)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    calls = []
+    real = speed._packed_forward
+    speed._packed_forward = lambda b, plan: calls.append(plan) or real(b, plan)
+    try:
+        speed.trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+    finally:
+        speed._packed_forward = real
+    assert calls == []
+
+
+def test_packing_is_skipped_where_it_does_not_pay(tiny_llama_dir):
+    body = load_model(tiny_llama_dir).base_model  # hidden 32: attention weighs a lot against its tiny linears
+    # Per layer: linears 2·9216 FLOPs per token; attention 4·32 per pair of tokens.
+    # Padded 8 × 48: 384·18432 + 8·48²·128 = 9.44M; packed to 100 nodes: 1.84M + 1.28M.
+    assert speed.packing_pays(body, batch=8, width=48, packed=100)
+    # Packed to 216: 3.98M + 5.97M, more than 0.9 of the padded call's.
+    assert not speed.packing_pays(body, batch=8, width=48, packed=216)
+    assert not speed.packing_pays(body, batch=8, width=48, packed=384)  # nothing shared: only attention grows
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_cpu_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(data="x", out="x")
+    assert train_mod.resolve_precision(dataclasses.replace(cfg, precision="fp32"), cpu) == (None, torch.float32)
+    assert train_mod.resolve_precision(dataclasses.replace(cfg, precision="bf16"), cpu) == (torch.bfloat16, torch.float32)
+    monkeypatch.setattr(train_mod, "bf16_pays", lambda device: True)
+    assert train_mod.resolve_precision(cfg, cpu) == (torch.bfloat16, torch.float32)
+    assert train_mod.resolve_precision(dataclasses.replace(cfg, quantize="4bit"), cpu) == (None, torch.float32)
+    monkeypatch.setattr(train_mod, "bf16_pays", lambda device: False)
+    assert train_mod.resolve_precision(cfg, cpu) == (None, torch.float32)
+
+
+def test_bf16_pays_needs_native_bf16_and_a_measured_speedup(monkeypatch):
+    cpu = torch.device("cpu")
+    assert speed.cpu_bf16_speedup() > 0  # the real measurement runs (and is cached)
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(speed, "cpu_bf16_speedup", lambda: 3.0)
+    assert not speed.bf16_pays(cpu)
+    monkeypatch.setattr(speed, "cpu_has_native_bf16", lambda: True)
+    assert speed.bf16_pays(cpu)
+    monkeypatch.setattr(speed, "cpu_bf16_speedup", lambda: 0.5)  # AVX512-BF16 without AMX: slower
+    assert not speed.bf16_pays(cpu)
+
+
+def test_bf16_storage_equals_autocast_over_fp32_weights(tiny_llama_dir):
+    cfg = TrainConfig(data="x", out="x", rank=4).resolved()
+    models = []
+    for _ in range(2):
+        model = load_model(tiny_llama_dir)
+        torch.manual_seed(0)
+        inject_adapters(model, get_method("lora"), cfg)
+        perturb(model)
+        models.append(model)
+    reference, stored = models
+    n = speed.store_frozen_linears(stored)
+    assert n == 15  # 7 linears in each of 2 blocks, and the (untied) LM head
+    for name, p in stored.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32, name  # adapter master weights stay fp32
+    assert stored.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.randint(3, 300, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(input_ids=ids).logits
+        got = stored(input_ids=ids).logits
+    assert torch.equal(got, want)
+    # Outside autocast the guard hooks cast inputs and outputs: it runs, close to fp32.
+    with torch.no_grad():
+        loose = stored(input_ids=ids).logits
+        exact = reference(input_ids=ids).logits
+    assert loose.dtype == torch.float32
+    assert (loose - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_prepare_stores_bf16_linears_only_where_that_changes_nothing(tiny_llama_dir, train_file, tmp_path):
+    def linear_dtypes(**overrides):
+        cfg = TrainConfig(data=str(train_file), out=str(tmp_path), model=tiny_llama_dir, rank=4, **overrides).resolved()
+        model = train_mod.prepare(cfg, torch.device("cpu"))["model"]
+        return {p.dtype for name, p in model.named_parameters() if name.endswith("base.weight")}
+
+    assert linear_dtypes(precision="bf16") == {torch.bfloat16}
+    assert linear_dtypes(precision="fp32") == {torch.float32}
+    assert linear_dtypes(precision="bf16", merge=True) == {torch.float32}  # the merge needs the exact base
+    assert linear_dtypes(precision="bf16", method="delta-lora") == {torch.float32}  # it writes W0
+
+
+def test_rows_longer_than_a_sliding_window_are_not_packed(tiny_llama_dir, monkeypatch):
+    model = _lora_model(tiny_llama_dir).eval()
+    batch = _batch(model.config.vocab_size)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    calls = []
+    real = speed._packed_forward
+    monkeypatch.setattr(speed, "_packed_forward", lambda b, plan: calls.append(plan) or real(b, plan))
+    model.base_model.config.sliding_window = 10  # the custom mask would bypass it: rows are 20 long
+    speed.trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+    assert calls == []
+    model.base_model.config.sliding_window = 4096
+    speed.trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+    assert calls and calls[-1].lengths == [18, 19, 14, 16]
