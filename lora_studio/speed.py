@@ -222,6 +222,17 @@ def _packed_forward(body: nn.Module, plan: PackPlan) -> torch.Tensor:
     return out.last_hidden_state[0]  # (L, H)
 
 
+def _probe_tolerance(body: nn.Module, device_type: str) -> float:
+    """Largest relative difference between the packed and padded states that still means "same".
+    The two layouts sum in different orders: ~1e-6 apart in fp32, ~1e-2 after 30 layers in bf16
+    (measured 8e-3 on the bundled model); a layout the model gets wrong is ~1 apart (measured
+    0.83 with the positions ignored), so either bound tells them apart."""
+    low = {torch.bfloat16, torch.float16}
+    if torch.is_autocast_enabled(device_type) or any(p.dtype in low for p in body.parameters()):
+        return 5e-2
+    return 1e-3
+
+
 def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
     """Once per model: does the packed layout give the padded call's states? (An architecture
     that ignores position_ids or derives a position bias from a 2D mask would not.)"""
@@ -237,7 +248,8 @@ def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                 plain = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (2, T, H)
                 real = mask.bool()
                 scale = plain[real].abs().max().clamp_min(1e-6)
-                verdict = bool(((packed[real] - plain[real]).abs().max() / scale).item() < 1e-3)
+                error = ((packed[real] - plain[real]).abs().max() / scale).item()
+                verdict = error < _probe_tolerance(body, input_ids.device.type)
         except Exception:  # noqa: BLE001 - a probe: any failure means "use the padded call"
             verdict = False
         finally:

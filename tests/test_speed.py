@@ -256,3 +256,28 @@ def test_rows_longer_than_a_sliding_window_are_not_packed(tiny_llama_dir, monkey
     model.base_model.config.sliding_window = 4096
     speed.trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
     assert calls and calls[-1].lengths == [18, 19, 14, 16]
+
+
+def test_the_packing_probe_accepts_bf16_rounding_and_refuses_a_wrong_layout(tiny_llama_dir, monkeypatch):
+    """Under bf16 autocast the packed and padded states differ by rounding (the probe once took
+    that for a broken layout and left every bf16 run unpacked); ignored positions still fail."""
+    batch = _batch(64)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    real = speed._packed_forward
+
+    body = load_model(tiny_llama_dir).base_model
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = speed.trained_hidden_states(body, batch["input_ids"], batch["attention_mask"], keep)
+        plain = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1][keep]
+    assert body._lora_studio_packing_ok is True
+    assert not torch.equal(packed, plain)  # bf16: not bit-equal, yet close
+    assert (packed - plain).float().abs().max() < 5e-2 * plain.float().abs().max()
+
+    def positions_ignored(b, plan):
+        return real(b, dataclasses.replace(plan, position_ids=torch.zeros_like(plan.position_ids)))
+
+    monkeypatch.setattr(speed, "_packed_forward", positions_ignored)
+    body = load_model(tiny_llama_dir).base_model
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        speed.trained_hidden_states(body, batch["input_ids"], batch["attention_mask"], keep)
+    assert body._lora_studio_packing_ok is False
