@@ -144,6 +144,11 @@ def test_targets_are_judged_from_the_numbers():
     assert checks["eval loss within 2% of peft fp32"]["met"] is False
     assert checks["same held-out token accuracy as peft fp32"]["met"] is False
     assert bench.check_targets({"ours": {"error": "x"}, "peft-fp32": fp32}) == {}
+    assert not any("same precision" in k for k in checks)  # ours in fp32: judged against fp32 only
+    in_bf16 = dict(ours, precision="bfloat16", eval_loss=1.04)
+    checks = bench.check_targets({"ours": in_bf16, "peft-fp32": fp32, "peft-bf16": dict(bf16, eval_loss=1.03)})
+    assert checks["eval loss within 2% of peft fp32"]["met"] is False  # 4 % off fp32
+    assert checks["eval loss within 2% of peft bf16 (same precision)"]["met"] is True  # 1 % off bf16
 
 
 def test_unknown_variant_and_missing_peft_are_clear_errors(tmp_path, monkeypatch, capsys):
