@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "unknown_format": "no known format fits the columns (map them with --columns)",
     "invalid_json": "a JSONL line is not valid JSON",
     "not_an_object": "a record is not a JSON object",
+    "extra_fields": "a CSV/TSV row has more values than the header has columns (an unquoted separator?)",
     "missing_field": "a required field is absent or null",
     "empty_field": "a required field is empty or only whitespace",
     "wrong_type": "a field holds the wrong type (e.g. a number where text is needed)",

@@ -1,7 +1,7 @@
 """Reading rows from wherever the user's data lives: a local or uploaded file (JSONL, JSON,
 CSV, TSV, Parquet) or a Hub dataset (`owner/name`, with an optional config and split).
 
-Parsing is left to libraries (the json module, pandas, pyarrow, `datasets`); this module
+Parsing is left to libraries (the json and csv modules, pyarrow, `datasets`); this module
 only decides which one to call, numbers the rows the way the user sees them, and turns
 their failures into `DataError`s that name the file.
 
@@ -263,29 +263,53 @@ def _records(doc: Any) -> list[Any] | None:
 
 
 def _read_csv(path: Path, shown: str, sep: str) -> RawData:
-    import pandas as pd
+    # The csv module, not pandas: pandas keeps the first values of a row that has more than the
+    # header and drops the rest with only a warning (or refuses the whole file); here such a row
+    # is a problem that names it. Cells stay text ("" and "NA" too); undecodable bytes survive as
+    # lone surrogates for validation to name.
+    import csv
 
-    try:
-        # dtype=object keeps cells as Python str (pandas' arrow strings reject the lone
-        # surrogates that mark undecodable bytes); keep_default_na=False keeps "" and "NA" as text.
-        df = pd.read_csv(
-            path,
-            sep=sep,
-            dtype=object,
-            keep_default_na=False,
-            index_col=False,
-            encoding="utf-8-sig",
-            encoding_errors="surrogateescape",
-        )
-    except pd.errors.EmptyDataError:
-        raise fatal(shown, "empty_file", "the file is empty") from None
-    except (pd.errors.ParserError, ValueError) as e:
-        raise fatal(shown, "unreadable", f"not valid {'TSV' if sep == chr(9) else 'CSV'} ({e})") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    raw = RawData(shown, "tsv" if sep == "\t" else "csv")
-    raw.rows = df.to_dict("records")
-    raw.row_numbers = list(range(2, len(raw.rows) + 2))
+    label = "TSV" if sep == "\t" else "CSV"
+    raw = RawData(shown, label.lower())
+    csv.field_size_limit(2**31 - 1)  # huge cells are the size limit's business, not csv's
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+        reader = csv.reader(fh, delimiter=sep, strict=True)
+        try:
+            header = next(reader, None)
+            if not header or not any(h.strip() for h in header):
+                raise fatal(shown, "empty_file", "the file is empty")
+            columns = _column_names(header)
+            record = 1  # spreadsheet rows: the header is row 1
+            for values in reader:
+                if not values:  # a blank line
+                    continue
+                record += 1
+                if len(values) > len(columns):
+                    raw.problems.append(Problem(
+                        shown, record, None, "extra_fields",
+                        f"{len(values)} values, but the header has {len(columns)} columns: the extra "
+                        "values would be lost (quote a cell that holds the separator)",
+                    ))
+                    continue
+                # A short row: the missing cells are absent (null), which validation names.
+                raw.rows.append(dict(zip(columns, values)) | {c: None for c in columns[len(values):]})
+                raw.row_numbers.append(record)
+        except csv.Error as e:
+            raise fatal(shown, "unreadable", f"not valid {label} (line {reader.line_num}: {e})") from None
     return raw
+
+
+def _column_names(header: list[str]) -> list[str]:
+    """Header cells stripped; an empty one named by its position, a repeated one suffixed (.1, .2)."""
+    names: list[str] = []
+    for i, cell in enumerate(header):
+        name = cell.strip() or f"column {i + 1}"
+        base, n = name, 0
+        while name in names:
+            n += 1
+            name = f"{base}.{n}"
+        names.append(name)
+    return names
 
 
 def _read_parquet(path: Path, shown: str) -> RawData:

@@ -196,3 +196,15 @@ def test_single_conversation_object_is_one_record(tmp_path):
     path.write_text(json.dumps(conv, indent=2))
     raw = read_source(path)
     assert raw.rows == [conv] and raw.row_numbers == [1]
+
+
+def test_csv_row_with_more_values_than_the_header_is_a_problem_not_silently_cut(tmp_path):
+    path = tmp_path / "d.csv"
+    # Row 3 has an unquoted comma in its answer: pandas alone keeps "Paris" and drops " France".
+    path.write_text('question,answer\nWhat is 2+2?,4\nCapital of France?,Paris, France\n\n"a,b",c\n')
+    raw = read_source(path)
+    assert raw.rows == [{"question": "What is 2+2?", "answer": "4"}, {"question": "a,b", "answer": "c"}]
+    assert raw.row_numbers == [2, 4]
+    (problem,) = raw.problems
+    assert (problem.file, problem.row, problem.kind) == (str(path), 3, "extra_fields")
+    assert "3 values" in problem.message and "2 columns" in problem.message
