@@ -72,8 +72,11 @@ class DataReport:
 
     @property
     def n_usable(self) -> int:
-        """Rows that can be trained on as they are."""
-        return self.n_rows - len(self.error_rows)
+        """Rows that can be trained on as they are (none while a whole file is in error)."""
+        rows = self.error_rows
+        if any(row is None for _, row in rows):  # unreadable file, unknown format: nothing is usable
+            return 0
+        return self.n_rows - len(rows)
 
     @property
     def ok(self) -> bool:

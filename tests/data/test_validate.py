@@ -249,3 +249,14 @@ def test_random_bytes_load_or_fail_with_a_data_error(tmp_path_factory, tokenizer
         load_examples(path, tokenizer, max_seq_len=64, drop_invalid=True)
     except DataError as e:
         assert str(e)
+
+
+def test_a_file_level_error_leaves_no_row_usable_never_a_negative_count(tmp_path):
+    from lora_studio.data import inspect_data
+
+    path = tmp_path / "qa.csv"
+    path.write_text("Question,Answer\nhi,there\nbye,now\n")
+    report = inspect_data(path).report  # unknown format: the whole file is in error
+    assert report.errors and report.errors[0].row is None
+    assert report.n_usable == 0
+    assert "0 rows usable" in report.summary()
