@@ -359,3 +359,37 @@ def threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def fp32_attention_on_cpu() -> Iterator[None]:
+    """Under CPU bf16 autocast, run transformers' `sdpa` attention in fp32.
+
+    PyTorch's CPU attention kernel is ~3× slower in bf16 than in fp32 (fwd + bwd of a 9-head,
+    176-token causal attention: 8.6 vs 2.8 ms on one core of an AVX512-BF16 Xeon), and attention
+    has few FLOPs next to the linear layers, so fp32 costs nothing there and is the more exact of
+    the two. Swaps the registry entry for the duration of a forward (the backward reuses the graph);
+    anything else (GPU, fp32, an eager or flash attention) runs unchanged.
+    """
+    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        yield
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    original = mapping["sdpa"]
+
+    def upcast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        dtype = query.dtype
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, weights = original(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+        return out.to(dtype), weights
+
+    mapping["sdpa"] = upcast
+    try:
+        yield
+    finally:
+        mapping["sdpa"] = original

@@ -81,7 +81,13 @@ from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers im
     write_json_atomic,
     write_status,
 )
-from lora_studio.speed import bf16_pays, linear_cross_entropy, store_frozen_linears, trained_hidden_states
+from lora_studio.speed import (
+    bf16_pays,
+    fp32_attention_on_cpu,
+    linear_cross_entropy,
+    store_frozen_linears,
+    trained_hidden_states,
+)
 
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -135,17 +141,21 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
         getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
     )
     inputs = model_inputs(batch)  # packed batches: position ids instead of the 2D mask
-    if post_processes_logits or not hasattr(model, "base_model") or model.base_model is model:
-        logits = model(**inputs).logits
-        logits = logits[:, :-1][keep]  # (N, V)
-        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    else:
-        if "position_ids" in inputs:
-            hidden = model.base_model(**inputs).last_hidden_state[:, :-1][keep]  # (N, H)
-        else:  # rows as a prefix tree: a prompt prefix they share runs once, no padding (speed.py)
-            hidden = trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
-        # LM head and cross-entropy in chunks: never all (N, V) logits in fp32 at once.
-        loss = linear_cross_entropy(hidden, model.get_output_embeddings(), labels[keep])
+    # fp32 attention: a no-op except under CPU bf16 autocast (see speed.py). Not with checkpointing:
+    # the backward's recompute runs outside this block and must match the forward.
+    checkpointing = getattr(getattr(model, "base_model", model), "gradient_checkpointing", False)
+    with fp32_attention_on_cpu() if not checkpointing else contextlib.nullcontext():
+        if post_processes_logits or not hasattr(model, "base_model") or model.base_model is model:
+            logits = model(**inputs).logits
+            logits = logits[:, :-1][keep]  # (N, V)
+            loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        else:
+            if "position_ids" in inputs:
+                hidden = model.base_model(**inputs).last_hidden_state[:, :-1][keep]  # (N, H)
+            else:  # rows as a prefix tree: a prompt prefix they share runs once, no padding (speed.py)
+                hidden = trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
+            # LM head and cross-entropy in chunks: never all (N, V) logits in fp32 at once.
+            loss = linear_cross_entropy(hidden, model.get_output_embeddings(), labels[keep])
     return loss, int(keep.sum())
 
 

@@ -281,3 +281,55 @@ def test_the_packing_probe_accepts_bf16_rounding_and_refuses_a_wrong_layout(tiny
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         speed.trained_hidden_states(body, batch["input_ids"], batch["attention_mask"], keep)
     assert body._lora_studio_packing_ok is False
+
+
+def test_attention_runs_in_fp32_under_cpu_bf16_autocast_only_inside_the_block(tiny_llama_dir, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    seen = []
+    real = mapping["sdpa"]
+
+    def spy(module, query, key, value, mask, *args, **kwargs):
+        # Autocast would run the kernel in bf16 whatever dtype the inputs arrive in.
+        seen.append((value.dtype, torch.is_autocast_enabled("cpu")))
+        return real(module, query, key, value, mask, *args, **kwargs)
+
+    monkeypatch.setitem(mapping, "sdpa", spy)
+    model = load_model(tiny_llama_dir)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits
+        with speed.fp32_attention_on_cpu():
+            upcast = model(input_ids=ids).logits
+        assert mapping["sdpa"] is spy  # restored on leaving the block
+    with speed.fp32_attention_on_cpu():  # no autocast: nothing swapped
+        assert mapping["sdpa"] is spy
+    layers = model.config.num_hidden_layers
+    assert [on for _, on in seen] == [True] * layers + [False] * layers
+    assert all(dtype == torch.float32 for dtype, _ in seen[layers:])
+    assert upcast.dtype == plain.dtype
+    assert (upcast.float() - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_causal_lm_loss_under_bf16_autocast_keeps_gradients_flowing(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    cfg = TrainConfig(data="x", out="x", rank=4).resolved()
+    torch.manual_seed(0)
+    inject_adapters(model, get_method("lora"), cfg)
+    perturb(model)
+    batch = _batch(model.config.vocab_size)
+    params = list(trainable_parameters(model).values())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, n = causal_lm_loss(model, batch)
+    grads = torch.autograd.grad(loss, params)
+    exact_loss, _ = causal_lm_loss(model, batch)
+    exact = torch.autograd.grad(exact_loss, params)
+    assert loss.item() == pytest.approx(exact_loss.item(), rel=0.02)
+    for got, want in zip(grads, exact):
+        assert got.dtype == torch.float32
+        assert (got - want).norm() < 0.1 * want.norm()
