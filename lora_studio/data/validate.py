@@ -72,8 +72,8 @@ class DataReport:
 
     @property
     def n_usable(self) -> int:
-        """Rows that can be trained on as they are."""
-        return self.n_rows - len(self.error_rows)
+        """Rows that can be trained on as they are (0 for a file refused as a whole)."""
+        return max(0, self.n_rows - len(self.error_rows))
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,82 @@
+"""The login wall: with a login set, every request needs it, except the few files the login
+page itself is made of.
+
+Gradio checks the login on its main routes (config, info, upload, queue, run, call, file) but
+leaves some open (cancel, stream, reset, heartbeat, startup-events, monitoring, app_id ...).
+Those need an event or session id to do harm, but "the login protects every endpoint" should
+not rest on ids being hard to guess. This ASGI middleware answers 401 to any request without a
+valid login cookie unless its path is on a short allowlist (what the browser fetches before
+logging in: the page, its theme and static assets, and the login route). It asks the app the
+same question gradio's own `login_check` does (the session token in the cookie), and refuses
+when it cannot tell (fails closed).
+"""
+
+from __future__ import annotations
+
+import json
+from http.cookies import SimpleCookie
+from typing import Any, Awaitable, Callable
+
+# What the login page loads before the visitor is logged in (measured with a browser: `/`,
+# `/theme.css`, `/assets/*`, `/static/*`, then POST `/login`).
+PUBLIC_PATHS = frozenset(
+    {"/", "/login", "/login/", "/logout", "/logout/", "/theme.css", "/favicon.ico", "/manifest.json", "/robots.txt"}
+)
+PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
+DENIED = json.dumps({"detail": {"error": "Not authenticated", "auth_message": None}}).encode()
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def logged_in(app: Any, headers: list[tuple[bytes, bytes]]) -> bool:
+    """True when the request carries a session token the app issued at login."""
+    tokens, cookie_id = getattr(app, "tokens", None), getattr(app, "cookie_id", None)
+    if not isinstance(tokens, dict) or not cookie_id:
+        return False
+    jar: SimpleCookie = SimpleCookie()
+    for name, value in headers:
+        if name == b"cookie":
+            try:
+                jar.load(value.decode("latin-1"))
+            except Exception:  # noqa: BLE001 - a malformed cookie header is simply not a login
+                return False
+    for key in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+        morsel = jar.get(key)
+        if morsel is not None and tokens.get(morsel.value) is not None:
+            return True
+    return False
+
+
+class LoginWall:
+    """ASGI middleware: refuse every non-public request without a login (see the module doc)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        gradio_app = scope.get("app")  # set by Starlette before any middleware runs
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        if is_public(path) or logged_in(gradio_app, scope.get("headers", [])):
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(DENIED)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": DENIED})
