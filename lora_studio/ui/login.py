@@ -6,7 +6,8 @@ leaves some open (cancel, stream, reset, heartbeat, startup-events, monitoring, 
 Those need an event or session id to do harm, but "the login protects every endpoint" should
 not rest on ids being hard to guess. This ASGI middleware answers 401 to any request without a
 valid login cookie unless its path is on a short allowlist (what the browser fetches before
-logging in: the page, its theme and static assets, and the login route). It asks the app the
+logging in: the page, its theme and static assets, and the login route), and empties the API
+description gradio writes into the page itself. It asks the app the
 same question gradio's own `login_check` does (the session token in the cookie), and refuses
 when it cannot tell (fails closed).
 """
@@ -14,20 +15,52 @@ when it cannot tell (fails closed).
 from __future__ import annotations
 
 import json
+import re
 from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable
 
 # What the login page loads before the visitor is logged in (measured with a browser: `/`,
-# `/theme.css`, `/assets/*`, `/static/*`, then POST `/login`).
+# `/theme.css`, `/assets/*`, `/static/*`, then POST `/login`), plus `startup-events`, which
+# gradio's launch() calls itself, without a login, before serving (it runs the app's startup
+# events once; later calls do nothing and return false).
 PUBLIC_PATHS = frozenset(
-    {"/", "/login", "/login/", "/logout", "/logout/", "/theme.css", "/favicon.ico", "/manifest.json", "/robots.txt"}
-)
+    {"/", "/login", "/login/", "/logout", "/logout/", "/theme.css", "/favicon.ico", "/manifest.json", "/robots.txt",
+     "/gradio_api/startup-events"}
+)  # fmt: skip
 PUBLIC_PREFIXES = ("/assets/", "/static/", "/svelte/", "/pwa_icon")
 DENIED = json.dumps({"detail": {"error": "Not authenticated", "auth_message": None}}).encode()
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+# Gradio writes the whole API description into the page, login page included: endpoint names,
+# parameters, example values, the choices of every dropdown (run ids). Emptied before login.
+API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
+NO_API_INFO = b'window.gradio_api_info = {"named_endpoints":{},"unnamed_endpoints":{}};</script>'
+
+
+def _without_api_info(send: Send) -> Send:
+    """`send` for the page: the body collected, the API description emptied, the length fixed."""
+    start: dict[str, Any] = {}
+    chunks: list[bytes] = []
+
+    async def capture(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if message["type"] != "http.response.body":
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = API_INFO.sub(NO_API_INFO, b"".join(chunks))
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return capture
 
 
 def is_public(path: str) -> bool:
@@ -67,7 +100,11 @@ class LoginWall:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
-        if is_public(path) or logged_in(gradio_app, scope.get("headers", [])):
+        if logged_in(gradio_app, scope.get("headers", [])):
+            return await self.app(scope, receive, send)
+        if path == "/" and scope["type"] == "http" and scope.get("method") == "GET":
+            return await self.app(scope, receive, _without_api_info(send))
+        if is_public(path):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
