@@ -313,10 +313,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         return redraw(run_id, view_state, force=False)  # a finished run is watched too: it may be resumed
 
     def attach(view_state):
-        """On page load: the running run (else the newest) of this runs folder, drawn from its files."""
+        """On page load: the running run (else the next queued one, else the newest) of this runs
+        folder, drawn from its files. Running first: the queue is newest first too, and a visitor
+        who queued a run after it must not make every new page show that one instead."""
         runs = studio.runner.list_runs()
-        active = [r for r in runs if r.get("state") in charts.ACTIVE]
-        pick = (active or runs or [{}])[0].get("run_id")
+        training = [r for r in runs if r.get("state") in ("starting", "running")]
+        queued = sorted((r for r in runs if r.get("state") == "queued"), key=lambda r: r.get("queue_position") or 0)
+        pick = (training or queued or runs or [{}])[0].get("run_id")
         return redraw(pick)
 
     def request_stop(view_state, save: bool):
