@@ -2,22 +2,23 @@
 page itself is made of.
 
 Gradio checks the login on its main routes (config, info, upload, queue, run, call, file) but
-leaves some open (cancel, stream, reset, heartbeat, startup-events, monitoring, app_id ...).
-Those need an event or session id to do harm, but "the login protects every endpoint" should
-not rest on ids being hard to guess. This ASGI middleware answers 401 to any request without a
-valid login cookie unless its path is on a short allowlist (what the browser fetches before
-logging in: the page, its theme and static assets, and the login route), and empties the API
-description gradio writes into the page itself. It asks the app the
-same question gradio's own `login_check` does (the session token in the cookie), and refuses
-when it cannot tell (fails closed).
+leaves others open (cancel, reset, stream, heartbeat, user, token, app_id, FastAPI's
+/openapi.json ...) and writes its whole API description into the login page. The open routes
+need an event or session id to do harm, but "the login protects every endpoint" should not rest
+on ids being hard to guess. This ASGI middleware answers 401 to any request without a valid
+login cookie unless its path is on a short allowlist (what the browser fetches before logging
+in: the page, its theme and static assets, the login route), and empties the API description in
+the page. It asks the same question as gradio's own `login_check` (is the session token in the
+cookie one the app issued?) and refuses when it cannot tell (fails closed).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from http.cookies import SimpleCookie
 from typing import Any, Awaitable, Callable
+
+from starlette.requests import cookie_parser
 
 # What the login page loads before the visitor is logged in (measured with a browser: `/`,
 # `/theme.css`, `/assets/*`, `/static/*`, then POST `/login`), plus `startup-events`, which
@@ -72,16 +73,15 @@ def logged_in(app: Any, headers: list[tuple[bytes, bytes]]) -> bool:
     tokens, cookie_id = getattr(app, "tokens", None), getattr(app, "cookie_id", None)
     if not isinstance(tokens, dict) or not cookie_id:
         return False
-    jar: SimpleCookie = SimpleCookie()
+    cookies: dict[str, str] = {}
     for name, value in headers:
         if name == b"cookie":
-            try:
-                jar.load(value.decode("latin-1"))
-            except Exception:  # noqa: BLE001 - a malformed cookie header is simply not a login
-                return False
+            # Starlette's parser, as gradio's own check uses: lenient where http.cookies would
+            # drop every cookie after one it dislikes (a JSON value set by another site script).
+            cookies.update(cookie_parser(value.decode("latin-1")))
     for key in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
-        morsel = jar.get(key)
-        if morsel is not None and tokens.get(morsel.value) is not None:
+        token = cookies.get(key)
+        if token and tokens.get(token) is not None:
             return True
     return False
 

@@ -150,6 +150,9 @@ def test_with_the_login_the_app_works(app, logged_in, tiny_llama_dir):
     assert [r[0] for r in table["data"]] == ["done-run"]
     card = client.predict("done-run", api_name="/model_card")
     assert "library_name: peft" in card
+    # Other cookies before the login's (a JSON value, which http.cookies would stop at) lock nobody out.
+    header = "; ".join(['prefs={"theme": "dark"}', *(f"{k}={v}" for k, v in logged_in.cookies.items())])
+    assert httpx.get(app.url + "gradio_api/info", headers={"cookie": header}, timeout=30).status_code == 200
     info = logged_in.get("/gradio_api/info").json()
     assert "/start" in info["named_endpoints"]
     assert logged_in.get("/gradio_api/mcp/schema").status_code == 404  # no MCP server, even with GRADIO_MCP_SERVER
