@@ -106,7 +106,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     check_model_spec(spec)  # a folder without weights: say so, not what the tokenizer trips on
     try:
         tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a folder with no tokenizer files
         raise ValueError(f"could not load the tokenizer of {spec!r}: {_hub_hint(spec, e)}") from e
     prepare_tokenizer(tok)
     return tok

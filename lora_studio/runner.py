@@ -199,6 +199,11 @@ class Runner:
             state = self._observed(run_dir).get("state")
             if state in rf.ACTIVE_STATES:
                 raise ValueError(f"run {run_id} is {state}: stop it before deleting it")
+            # Final state written, supervisor not yet gone: deleting now would make it fail on the
+            # missing folder before it starts the next queued run.
+            sup = rf.read_json(run_dir / SUPERVISOR)
+            if sup.get("host") in (None, rf.hostname()) and pid_alive(sup.get("pid"), sup.get("pid_started")):
+                raise ValueError(f"run {run_id} is still finishing (its process is exiting): try again in a moment")
             shutil.rmtree(run_dir)
 
     def poll(self) -> list[str]:

@@ -30,11 +30,17 @@ def rows_frame(rows: list[dict[str, Any]], row_numbers: list[int] | None = None,
 
     def cell(value: Any) -> Any:
         if isinstance(value, (list, dict)):
-            return json.dumps(value, ensure_ascii=False)
+            value = json.dumps(value, ensure_ascii=False)
+        if isinstance(value, str):
+            # Bytes that were not UTF-8 are lone surrogates (see sources.py), which pandas'
+            # arrow strings and JSON cannot hold: shown as escapes (`caf\udce9`), the row kept.
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
         return value
 
     numbers = row_numbers or list(range(1, len(rows) + 1))
-    records = [{"row": number, **{k: cell(v) for k, v in row.items()}} for number, row in zip(numbers[:n], rows[:n])]
+    records = [
+        {"row": number, **{cell(k): cell(v) for k, v in row.items()}} for number, row in zip(numbers[:n], rows[:n])
+    ]
     return pd.DataFrame(records)
 
 

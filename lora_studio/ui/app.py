@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from lora_studio.models import BUNDLED
 from lora_studio.ui.common import Studio, dropdown_update
 from lora_studio.ui.compare_tab import build_compare_tab
 from lora_studio.ui.data_tab import build_data_tab
 from lora_studio.ui.export_tab import build_export_tab
+from lora_studio.ui.login import LoginWall
 from lora_studio.ui.runs_tab import build_runs_tab
 from lora_studio.ui.settings import AppSettings
 from lora_studio.ui.train_tab import build_train_tab
@@ -55,6 +57,9 @@ def launch(settings: AppSettings, **kwargs) -> None:
     """Serve the app: queue on (one training start and one generation at a time), login if set."""
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=1, max_size=64)
+    app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+    if settings.auth:  # gradio leaves a few routes open; the wall closes them (see ui/login.py)
+        app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginWall)]
     demo.launch(
         server_name=settings.host,
         server_port=settings.port,
@@ -63,5 +68,8 @@ def launch(settings: AppSettings, **kwargs) -> None:
         footer_links=["api", "gradio"],
         # Run history would keep every call's inputs in the browser, the Hub token included.
         run_history=False,
+        # Never an MCP server (GRADIO_MCP_SERVER would turn one on): a second way in, not behind the login.
+        mcp_server=False,
+        app_kwargs=app_kwargs,
         **kwargs,
     )

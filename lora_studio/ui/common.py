@@ -7,7 +7,10 @@ import functools
 import hashlib
 import inspect
 import re
+import shutil
 import threading
+import unicodedata
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -73,18 +76,53 @@ class Studio:
     def keep_upload(self, temp_path: str, original_name: str | None = None) -> Path:
         """Copy an uploaded file into RUNS/.uploads under a name from its content, so a run's
         config points at a file that outlives gradio's temporary cache (and sits on the same
-        persistent storage as the runs). `.uploads` can never be taken for a run id."""
-        data = Path(temp_path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()[:12]
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(original_name or temp_path).name).lstrip(".")[-80:] or "data"
+        persistent storage as the runs). `.uploads` can never be taken for a run id.
+
+        The visitor's file name is only a label: it is reduced to one safe path component
+        (see `safe_upload_name`), and a file over the data size limit is refused before a
+        byte of it is copied."""
+        from lora_studio.data.sources import MAX_MB_ENV, max_file_mb
+
+        source = Path(temp_path)
+        shown = Path(str(original_name or temp_path).replace("\\", "/")).name or "data"
+        size = source.stat().st_size
+        limit = max_file_mb()
+        if limit > 0 and size > limit * 2**20:
+            raise ValueError(f"{shown}: the file is {size / 2**20:.1f} MB, over the {limit:g} MB limit ({MAX_MB_ENV})")
+        digest = hashlib.sha256()
+        with source.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
         folder = self.runs_dir / ".uploads"
+        if folder.is_symlink():
+            raise ValueError(f"{folder} is a link; uploads are only stored inside the runs folder")
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{digest}-{stem}"
+        target = folder / f"{digest.hexdigest()[:12]}-{safe_upload_name(shown)}"
+        if target.resolve().parent != folder.resolve():  # cannot happen with a safe name; never write outside
+            raise ValueError(f"{shown!r} is not a usable file name")
         if not target.exists():
-            tmp = target.with_name("." + target.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            tmp = folder / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"  # unique: two visitors may upload the same file
+            try:
+                shutil.copyfile(source, tmp)
+                tmp.replace(target)
+            finally:
+                tmp.unlink(missing_ok=True)
         return target
+
+
+UPLOAD_NAME_BYTES = 120  # with the digest, far below the 255-byte limit of common file systems
+
+
+def safe_upload_name(name: str) -> str:
+    """One path component made from a visitor's file name: letters and digits of any script,
+    `.`, `-` and `_` kept, everything else (separators, NUL, newlines, spaces) turned into `_`,
+    no leading dot, at most UPLOAD_NAME_BYTES of UTF-8 with the end (the extension) kept."""
+    name = unicodedata.normalize("NFC", name.replace("\\", "/")).rsplit("/", 1)[-1]
+    name = re.sub(r"[^\w.-]+", "_", name).lstrip("._")
+    while len(name.encode("utf-8")) > UPLOAD_NAME_BYTES:
+        name = name[1:]
+    name = name.lstrip("._")
+    return name if name and name not in (".", "..") else "data"
 
 
 def run_label(status: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ template with the trained tokens marked and EOS shown, and the length histogram.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pandas as pd
 
 from lora_studio.data import FORMATS, DataPreview, inspect_data, parse_columns
 from lora_studio.data.formats import suggest_mapping
+from lora_studio.data.sources import parse_hub_spec
 from lora_studio.ui.common import Studio, friendly
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
@@ -28,6 +30,33 @@ def example_files() -> list[str]:
     if not EXAMPLES_DIR.is_dir():
         return []
     return sorted(p.name for p in EXAMPLES_DIR.iterdir() if p.suffix in DATA_SUFFIXES and "heldout" not in p.name)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?$")
+
+
+def hub_source(text: str) -> str:
+    """The Hub box's text as a source that can only be read from the Hub: `hub:owner/name...`.
+
+    Refused: anything that is a path on this machine (a visitor of a public app must not read
+    the server's files, nor have `datasets` load a local folder that happens to share the name)."""
+    spec = parse_hub_spec(text)
+    name = spec[0] if spec else ""
+    bare = text.split("://", 1)[-1].removeprefix("hub:").removeprefix("datasets/")
+    if (
+        spec is None
+        or not HUB_ID.match(name)
+        or ".." in name
+        or Path(name).exists()
+        or Path(text).exists()
+        or text.startswith(("/", ".", "~"))
+        or bare.startswith(("/", ".", "~"))
+    ):
+        raise ValueError(
+            f"{text!r} is not a Hub dataset id (owner/name[:config][@split]); "
+            "to use a file of your own, upload it with the upload box"
+        )
+    return text if text.startswith(("hub:", "hf://")) else "hub:" + text
 
 
 def render_samples(preview: DataPreview, eos_token: str | None) -> str:
@@ -61,7 +90,8 @@ def render_samples(preview: DataPreview, eos_token: str | None) -> str:
 def summary_markdown(preview: DataPreview, shown: str) -> str:
     report = preview.report
     head = "✅ ready to train" if report.ok and report.format else "❌ cannot train on this as it is"
-    lines = [f"**{shown}** — {head}", "", "```", report.summary(), "```"]
+    # The name is the visitor's own text: escaped, so it is shown, never rendered as markup.
+    lines = [f"**{html.escape(shown)}** — {head}", "", "```", report.summary(), "```"]
     s = preview.stats
     if s.get("n"):
         lines.append(
@@ -133,14 +163,14 @@ def build_data_tab(studio: Studio, model: gr.Component, max_len: gr.Component) -
     @friendly
     def inspect(file, example_name, hub_name, format_name, mapping, system, model_name, max_seq_len):
         if file:
-            path = studio.keep_upload(file, Path(file).name)
-            source, shown = str(path), Path(file).name
+            shown = Path(file).name  # gradio's copy keeps the visitor's name, reduced to one component
+            source = str(studio.keep_upload(file, shown))
         elif example_name:
             if example_name not in example_files():
                 raise ValueError(f"no example named {example_name!r}")
             source, shown = str(EXAMPLES_DIR / example_name), example_name
         elif (hub_name or "").strip():
-            source = shown = hub_name.strip()
+            source, shown = hub_source(hub_name.strip()), hub_name.strip()
         else:
             raise ValueError("Upload a file, pick an example or name a Hub dataset first.")
         cols = parse_columns(mapping or None)
@@ -163,16 +193,20 @@ def build_data_tab(studio: Studio, model: gr.Component, max_len: gr.Component) -
             "system_prompt": (system or "").strip() or None,
             "name": shown,
             "ok": bool(preview.report.format) and preview.report.n_usable > 0,
+            "rows": preview.report.n_usable,
             "max_tokens": min(int(preview.stats["max"]), int(max_seq_len)) if preview.stats.get("n") else None,
         }
         stats = preview.stats
         title = "Tokens per row"
         if stats.get("n"):
             title = f"Tokens per row: {stats.get('n_truncated', 0)} of {stats['n']} over max length {int(max_seq_len)}"
+        problems = preview.report.problems_frame()
+        if source != shown:  # a library's message may quote where the upload is stored: show the visitor's name
+            problems = problems.map(lambda v: v.replace(source, shown) if isinstance(v, str) else v)
         return (
             spec,
-            summary_markdown(preview, shown),
-            preview.report.problems_frame(),
+            summary_markdown(preview, shown).replace(source, html.escape(shown)),
+            problems,
             preview.rows if preview.rows is not None else pd.DataFrame(),
             render_samples(preview, getattr(tokenizer, "eos_token", None)),
             gr.BarPlot(value=histogram(preview), title=title),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import gradio as gr
@@ -12,6 +13,8 @@ import pandas as pd
 
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
+
+FINISH_WAIT_S = 15.0  # how long Delete waits for a just-stopped run's process to exit
 
 COLUMNS = [
     "run", "state", "method", "model", "rank", "lr", "batch", "steps", "final loss", "eval loss",
@@ -134,7 +137,18 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
     @friendly
     def do_delete(run_id, current_pick):
         studio.run_dir(run_id)
-        studio.runner.delete(run_id)
+        deadline = time.monotonic() + FINISH_WAIT_S
+        while True:
+            try:
+                studio.runner.delete(run_id)
+                break
+            except ValueError:
+                # A run that has just stopped: its state is final but its process is still exiting
+                # (the runner refuses until it is gone). Worth a short wait; anything else is the answer.
+                finished = studio.runner.status(run_id).get("state") in ("done", "stopped", "aborted", "failed")
+                if not finished or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         if studio.chat is not None:
             studio.chat.unload()  # it may hold this run's adapter
         table_value, pick, one_update = refreshed(current_pick, None)

@@ -3,6 +3,7 @@ settings) or from `app.py` flags, so one image serves a laptop, a Space and a pr
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ class AppSettings:
     auth: tuple[str, str] | None = None
     """Login for a private deployment (`LORA_STUDIO_USER` and `LORA_STUDIO_PASSWORD`); None: open."""
     max_upload: str = "200mb"
-    """Largest file a visitor may upload (`LORA_STUDIO_MAX_UPLOAD`, gradio's size syntax)."""
+    """Largest file a visitor may upload (`LORA_STUDIO_MAX_UPLOAD`, gradio's size syntax). Unset: the
+    data size limit `LORA_STUDIO_MAX_UPLOAD_MB` where that is set (one knob for both), else 200 MB."""
     host: str = "0.0.0.0"
     """Interface to listen on (`GRADIO_SERVER_NAME`)."""
     port: int = 7860
@@ -35,10 +37,19 @@ class AppSettings:
             runs_dir=Path(env.get("LORA_STUDIO_RUNS_DIR") or "runs"),
             model=env.get("LORA_STUDIO_MODEL") or default_model(),
             auth=(user, password) if user and password else None,
-            max_upload=env.get("LORA_STUDIO_MAX_UPLOAD") or "200mb",
+            max_upload=env.get("LORA_STUDIO_MAX_UPLOAD") or _upload_limit(env.get("LORA_STUDIO_MAX_UPLOAD_MB")),
             host=env.get("GRADIO_SERVER_NAME") or "0.0.0.0",
             port=int(env.get("GRADIO_SERVER_PORT") or 7860),
         )
+
+
+def _upload_limit(data_mb: str | None) -> str:
+    """Gradio's upload limit from the data size limit in MB (0 or unset: 200 MB)."""
+    try:
+        mb = float(data_mb or 0)
+    except ValueError:
+        mb = 0.0
+    return f"{max(1, math.ceil(mb * 1024))}kb" if mb > 0 else "200mb"
 
 
 def default_model() -> str:

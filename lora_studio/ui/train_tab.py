@@ -9,13 +9,14 @@ visitor's) reattaches to the running run on load.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import gradio as gr
 
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY, get_method
-from lora_studio.models import BUNDLED
+from lora_studio.models import BUNDLED, check_model_spec
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
 
@@ -65,8 +66,17 @@ def build_config(values: dict[str, Any], selection: dict[str, Any] | None) -> Tr
         raise ValueError("method options must be a JSON object")
     ints = ("rank", "batch_size", "max_seq_len", "seed", "grad_accum_steps", "checkpoint_every", "eval_every")
     for key in ints:
-        v[key] = int(v[key])
-    v["max_steps"] = int(v["max_steps"]) if v.get("max_steps") else None
+        v[key] = _number(key, v[key], int)
+    for key in ("epochs", "warmup_ratio", "weight_decay", "val_fraction"):
+        v[key] = _number(key, v[key], float)
+    for key in ("alpha", "lr", "lr_ratio", "dropout"):  # empty: the method's default
+        v[key] = None if v[key] is None else _number(key, v[key], float)
+    v["max_steps"] = _number("max_steps", v["max_steps"], int) if v.get("max_steps") else None
+    # The number boxes carry no gradio minimum: its message would not say which box; these do.
+    if v["weight_decay"] < 0:
+        raise ValueError(f"weight_decay must be 0 or more (got {v['weight_decay']})")
+    if v["alpha"] is not None and not v["alpha"] > 0:
+        raise ValueError(f"alpha must be positive (got {v['alpha']})")
     v["quantize"] = "4bit" if v.pop("quantize") else None
     v["model"] = (v.get("model") or BUNDLED).strip()
     return TrainConfig(
@@ -77,6 +87,60 @@ def build_config(values: dict[str, Any], selection: dict[str, Any] | None) -> Tr
         method_options=method_options,
         **v,
     )
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    """A number field as int or float, or a message naming the field (empty, NaN, infinite)."""
+    if value is None or value == "":
+        raise ValueError(f"{name} is empty: enter a number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number (got {value!r})") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number (got {value!r})")
+    if kind is int:
+        if number != int(number):
+            raise ValueError(f"{name} must be a whole number (got {value!r})")
+        return int(number)
+    return number
+
+
+def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> None:
+    """Refuse here, with a message naming the setting, what the worker would otherwise only
+    find out after a run folder exists: a model that is not there, a batch larger than the
+    data, a target that matches nothing, a memory estimate beyond this machine."""
+    import psutil
+    import torch
+
+    from lora_studio.memory import estimate
+
+    cfg = cfg.resolved()
+    check_model_spec(cfg.model)
+    if not cfg.trust_remote_code:  # a custom tokenizer would need the opt-in: the worker checks that one
+        studio.tokenizer(cfg.model)  # a Hub id that is wrong, or not cached while offline
+    rows = selection.get("rows")
+    if rows and not cfg.packing:
+        # split_examples' rule: round(fraction * n) held out, at least 1, at least 1 left
+        held = min(rows - 1, max(1, round(cfg.val_fraction * rows))) if cfg.val_fraction and rows >= 2 else 0
+        if cfg.batch_size > rows - held:
+            raise ValueError(
+                f"invalid training settings: batch_size ({cfg.batch_size}) is larger than the data "
+                f"({rows - held} training examples); use a batch size of {rows - held} or less"
+            )
+    try:
+        est = estimate(cfg, seq_len=selection.get("max_tokens"))
+    except Exception as e:  # noqa: BLE001 - a config or a target the model cannot take; the text says which
+        raise ValueError(f"cannot set up {cfg.method} on {cfg.model!r}: {e}") from None
+    if est.device == "cpu":
+        have = psutil.virtual_memory().total / 2**20
+    else:
+        have = torch.cuda.get_device_properties(0).total_memory / 2**20
+    if est.total_mb > have:
+        raise ValueError(
+            f"the memory estimate ({est.total_mb / 1024:,.1f} GiB) is more than this machine has "
+            f"({have / 1024:,.1f} GiB): lower the rank, batch size or max length"
+        )
 
 
 def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
@@ -112,36 +176,36 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             )
             method_info = gr.Markdown(method_line("lora"), elem_id="method-summary")
         with gr.Row():
-            rank = gr.Number(label="Rank r", value=defaults.rank, precision=0, minimum=1, elem_id="rank")
+            rank = gr.Number(label="Rank r", value=defaults.rank, precision=0, elem_id="rank")
             alpha = gr.Number(label="Alpha (scale = alpha / r)", value=defaults.alpha, elem_id="alpha")
             lr = gr.Number(label="Learning rate", value=defaults.lr, elem_id="lr")
             lr_ratio = gr.Number(
                 label="LR ratio ηB/ηA (LoRA+)", value=1.0, interactive=_uses_lr_ratio("lora"), elem_id="lr-ratio"
             )
         with gr.Row():
-            epochs = gr.Number(label="Epochs", value=1.0, minimum=0.01, elem_id="epochs")
-            batch_size = gr.Number(label="Batch size", value=8, precision=0, minimum=1, elem_id="batch-size")
+            epochs = gr.Number(label="Epochs", value=1.0, elem_id="epochs")
+            batch_size = gr.Number(label="Batch size", value=8, precision=0, elem_id="batch-size")
             max_len.render()
         with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
             with gr.Row():
-                dropout = gr.Number(label="Adapter dropout", value=defaults.dropout, minimum=0)
-                max_steps = gr.Number(label="Max steps (0 = by epochs)", value=0, precision=0, minimum=0, elem_id="max-steps")
+                dropout = gr.Number(label="Adapter dropout", value=defaults.dropout)
+                max_steps = gr.Number(label="Max steps (0 = by epochs)", value=0, precision=0, elem_id="max-steps")
                 target = gr.Textbox(label="Target layers", value="all-linear")
                 seed = gr.Number(label="Seed", value=0, precision=0)
             with gr.Row():
-                warmup = gr.Number(label="Warmup ratio", value=0.03, minimum=0)
-                weight_decay = gr.Number(label="Weight decay", value=0.0, minimum=0)
+                warmup = gr.Number(label="Warmup ratio", value=0.03)
+                weight_decay = gr.Number(label="Weight decay", value=0.0)
                 rslora = gr.Checkbox(label="rsLoRA scaling (alpha / √r)", value=False)
-                val_fraction = gr.Number(label="Validation fraction (eval loss)", value=0.0, minimum=0, elem_id="val-fraction")
+                val_fraction = gr.Number(label="Validation fraction (eval loss)", value=0.0, elem_id="val-fraction")
             with gr.Row():
                 packing = gr.Checkbox(label="Pack samples (no padding)", value=False)
                 drop_invalid = gr.Checkbox(label="Drop bad rows (instead of refusing the data)", value=False)
-                accum = gr.Number(label="Gradient accumulation steps", value=1, precision=0, minimum=1)
+                accum = gr.Number(label="Gradient accumulation steps", value=1, precision=0)
                 checkpointing = gr.Checkbox(label="Gradient checkpointing (less memory, slower)", value=False)
             with gr.Row():
                 precision = gr.Dropdown(label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto")
-                checkpoint_every = gr.Number(label="Checkpoint every N steps", value=50, precision=0, minimum=0)
-                eval_every = gr.Number(label="Eval every N steps", value=50, precision=0, minimum=0)
+                checkpoint_every = gr.Number(label="Checkpoint every N steps", value=50, precision=0)
+                eval_every = gr.Number(label="Eval every N steps", value=50, precision=0)
                 options = gr.Textbox(label="Method options (JSON)", value="", elem_id="method-options")
             trust = gr.Checkbox(
                 label="⚠ Trust remote code: run Python code from the model's Hub repo (only for repos you trust)",
@@ -184,6 +248,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     def check(sel, *args):
         try:
             cfg = build_config(values_of(args), sel or {"data": "(data not chosen yet)"})
+            check_model_spec(cfg.model)  # a missing folder named as such, not as a bad Hub id
             return preflight_text(cfg, (sel or {}).get("max_tokens"))
         except Exception as e:  # noqa: BLE001 - shown as advice; Start reports it again as an error
             return f"**Settings to fix:** {e}"
@@ -199,6 +264,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     @friendly
     def start_run(sel, *args):
         cfg = build_config(values_of(args), sel)
+        check_start(studio, cfg, sel)
         yield from switch_to(studio.runner.start(cfg))
 
     def redraw(run_id: str | None, view_state: dict | None = None, force: bool = True) -> tuple:
@@ -247,10 +313,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         return redraw(run_id, view_state, force=False)  # a finished run is watched too: it may be resumed
 
     def attach(view_state):
-        """On page load: the running run (else the newest) of this runs folder, drawn from its files."""
+        """On page load: the running run (else the next queued one, else the newest) of this runs
+        folder, drawn from its files. Running first: the queue is newest first too, and a visitor
+        who queued a run after it must not make every new page show that one instead."""
         runs = studio.runner.list_runs()
-        active = [r for r in runs if r.get("state") in charts.ACTIVE]
-        pick = (active or runs or [{}])[0].get("run_id")
+        training = [r for r in runs if r.get("state") in ("starting", "running")]
+        queued = sorted((r for r in runs if r.get("state") == "queued"), key=lambda r: r.get("queue_position") or 0)
+        pick = (training or queued or runs or [{}])[0].get("run_id")
         return redraw(pick)
 
     def request_stop(view_state, save: bool):

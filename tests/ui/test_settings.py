@@ -41,3 +41,17 @@ def test_without_the_bundle_the_same_model_comes_from_the_hub(monkeypatch):
     monkeypatch.setattr(models, "bundled_gguf_dir", missing)
     assert AppSettings.from_env({}).model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert AppSettings.from_env({"LORA_STUDIO_MODEL": "bundled"}).model == "bundled"
+
+
+def test_one_size_limit_sets_both_upload_checks():
+    """LORA_STUDIO_MAX_UPLOAD_MB alone (the data limit) also sets gradio's upload limit; an explicit
+    LORA_STUDIO_MAX_UPLOAD wins; neither: 200 MB."""
+    from gradio.utils import _parse_file_size
+
+    assert AppSettings.from_env({}).max_upload == "200mb"
+    limit = AppSettings.from_env({"LORA_STUDIO_MAX_UPLOAD_MB": "0.5"}).max_upload
+    assert _parse_file_size(limit) == 512 * 1024
+    assert _parse_file_size(AppSettings.from_env({"LORA_STUDIO_MAX_UPLOAD_MB": "50"}).max_upload) == 50 * 1024 * 1024
+    both = {"LORA_STUDIO_MAX_UPLOAD_MB": "50", "LORA_STUDIO_MAX_UPLOAD": "10mb"}
+    assert AppSettings.from_env(both).max_upload == "10mb"
+    assert AppSettings.from_env({"LORA_STUDIO_MAX_UPLOAD_MB": "junk"}).max_upload == "200mb"
