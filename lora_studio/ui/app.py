@@ -27,7 +27,7 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
         )
         # Shown in the Train tab, read by the Data tab's preview too (template, truncation).
         model = gr.Dropdown(
-            label="Base model: bundled, a Hub id or a local folder",
+            label="Base model: bundled, a Hub id" + (" or a local folder" if settings.local_models else ""),
             choices=list(dict.fromkeys([settings.model, BUNDLED])),
             value=settings.model,
             allow_custom_value=True,

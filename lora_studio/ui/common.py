@@ -11,6 +11,7 @@ import shutil
 import threading
 import unicodedata
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +20,10 @@ import gradio as gr
 
 from lora_studio.chat import ChatEngine
 from lora_studio.runner import Runner
-from lora_studio.ui.settings import AppSettings
+from lora_studio.ui.settings import LOCAL_MODELS_ENV, AppSettings
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TOKENIZERS_KEPT = 8  # preview tokenizers kept in memory (a few MB each), least recently used dropped first
 
 
 @dataclass
@@ -31,7 +33,7 @@ class Studio:
     settings: AppSettings
     chat: ChatEngine = field(default_factory=ChatEngine)
     runner: Runner = field(init=False)
-    _tokenizers: dict[str, Any] = field(default_factory=dict, init=False)
+    _tokenizers: OrderedDict[str, Any] = field(default_factory=OrderedDict, init=False)
     _tok_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
@@ -65,13 +67,41 @@ class Studio:
         return choices
 
     def tokenizer(self, model: str) -> Any:
-        """The model's tokenizer (for previews), loaded once per model."""
+        """The model's tokenizer (for previews), kept for the TOKENIZERS_KEPT models used last:
+        every visitor may type model names, and an unbounded cache would keep each one forever."""
         from lora_studio.models import load_tokenizer
 
         with self._tok_lock:
-            if model not in self._tokenizers:
+            if model in self._tokenizers:
+                self._tokenizers.move_to_end(model)
+            else:
                 self._tokenizers[model] = load_tokenizer(model)
+                while len(self._tokenizers) > TOKENIZERS_KEPT:
+                    self._tokenizers.popitem(last=False)
             return self._tokenizers[model]
+
+    def check_model(self, spec: str | None) -> None:
+        """Refuse a model folder on the server in the Base model box where local models are off
+        (`AppSettings.local_models`): only `bundled`, a Hub id (owner/name) that names no existing
+        path here (transformers would load that path first) and the operator's own model pass.
+        One message whatever the reason, so the refusal tells nothing about the server's files."""
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        from lora_studio.models import BUNDLED
+
+        spec = (spec or "").strip()
+        if self.settings.local_models or spec in (BUNDLED, self.settings.model.strip()):
+            return
+        try:
+            validate_repo_id(spec)
+            hub_id = not (Path(spec).exists() or Path(spec).is_symlink())
+        except (HFValidationError, OSError):
+            hub_id = False
+        if not hub_id:
+            raise ValueError(
+                f"Base model {spec!r}: this server takes the bundled model or a Hub id (owner/name), "
+                f"not a folder on the server ({LOCAL_MODELS_ENV} is off)"
+            )
 
     def keep_upload(self, temp_path: str, original_name: str | None = None) -> Path:
         """Copy an uploaded file into RUNS/.uploads under a name from its content, so a run's

@@ -175,6 +175,7 @@ def build_data_tab(studio: Studio, model: gr.Component, max_len: gr.Component) -
             raise ValueError("Upload a file, pick an example or name a Hub dataset first.")
         cols = parse_columns(mapping or None)
         fmt_arg = None if format_name in (None, "", "auto") else format_name
+        studio.check_model(model_name or studio.settings.model)  # before any file of it is read
         tokenizer = studio.tokenizer(model_name or studio.settings.model)
         preview = inspect_data(
             source,

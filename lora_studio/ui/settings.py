@@ -26,6 +26,12 @@ class AppSettings:
     """Interface to listen on (`GRADIO_SERVER_NAME`)."""
     port: int = 7860
     """Port to listen on (`GRADIO_SERVER_PORT`); Spaces expect 7860."""
+    local_models: bool = True
+    """Whether visitors may name a model folder on the server in the Base model box
+    (`LORA_STUDIO_LOCAL_MODELS`: 1/true/yes/on or 0/false/no/off). Off: only `bundled`, Hub ids
+    and the operator's own `model` above, so a public page cannot train on (or export the merged
+    weights of) any model folder the server holds. Unset: on, except on a Hugging Face Space
+    (`SPACE_ID` set)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AppSettings":
@@ -40,7 +46,23 @@ class AppSettings:
             max_upload=env.get("LORA_STUDIO_MAX_UPLOAD") or _upload_limit(env.get("LORA_STUDIO_MAX_UPLOAD_MB")),
             host=env.get("GRADIO_SERVER_NAME") or "0.0.0.0",
             port=int(env.get("GRADIO_SERVER_PORT") or 7860),
+            local_models=_local_models(env),
         )
+
+
+LOCAL_MODELS_ENV = "LORA_STUDIO_LOCAL_MODELS"
+
+
+def _local_models(env: dict[str, str]) -> bool:
+    """LORA_STUDIO_LOCAL_MODELS as a bool; unset or empty: off on a Space (SPACE_ID), on elsewhere."""
+    value = (env.get(LOCAL_MODELS_ENV) or "").strip().lower()
+    if not value:
+        return not env.get("SPACE_ID")
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{LOCAL_MODELS_ENV} must be 1/true/yes/on or 0/false/no/off (got {env[LOCAL_MODELS_ENV]!r})")
 
 
 def _upload_limit(data_mb: str | None) -> str:

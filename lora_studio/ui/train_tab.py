@@ -116,6 +116,7 @@ def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> 
     from lora_studio.memory import estimate
 
     cfg = cfg.resolved()
+    studio.check_model(cfg.model)  # a folder on the server, where local models are off
     check_model_spec(cfg.model)
     if not cfg.trust_remote_code:  # a custom tokenizer would need the opt-in: the worker checks that one
         studio.tokenizer(cfg.model)  # a Hub id that is wrong, or not cached while offline
@@ -248,6 +249,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     def check(sel, *args):
         try:
             cfg = build_config(values_of(args), sel or {"data": "(data not chosen yet)"})
+            studio.check_model(cfg.model)  # no sizes of a server folder's model either
             check_model_spec(cfg.model)  # a missing folder named as such, not as a bad Hub id
             return preflight_text(cfg, (sel or {}).get("max_tokens"))
         except Exception as e:  # noqa: BLE001 - shown as advice; Start reports it again as an error
