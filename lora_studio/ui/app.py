@@ -63,5 +63,6 @@ def launch(settings: AppSettings, **kwargs) -> None:
         footer_links=["api", "gradio"],
         # Run history would keep every call's inputs in the browser, the Hub token included.
         run_history=False,
+        state_session_capacity=settings.max_sessions,
         **kwargs,
     )

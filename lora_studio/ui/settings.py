@@ -24,6 +24,10 @@ class AppSettings:
     """Interface to listen on (`GRADIO_SERVER_NAME`)."""
     port: int = 7860
     """Port to listen on (`GRADIO_SERVER_PORT`); Spaces expect 7860."""
+    max_sessions: int = 200
+    """Visitor sessions whose server-side state is kept (`LORA_STUDIO_MAX_SESSIONS`); the least
+    recently active is dropped beyond it. Gradio keeps each session (about 0.4 MiB here) until this
+    cap, 10 000 by default: on a public Space that is gigabytes (see docs/reliability.md)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AppSettings":
@@ -38,6 +42,7 @@ class AppSettings:
             max_upload=env.get("LORA_STUDIO_MAX_UPLOAD") or "200mb",
             host=env.get("GRADIO_SERVER_NAME") or "0.0.0.0",
             port=int(env.get("GRADIO_SERVER_PORT") or 7860),
+            max_sessions=int(env.get("LORA_STUDIO_MAX_SESSIONS") or 200),
         )
 
 
