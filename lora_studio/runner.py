@@ -15,20 +15,22 @@ Processes. `start` writes RUN/config.json and a `queued` status; `poll` (also ca
 `start` and `resume`) launches queued runs while fewer than `max_active` (default 1: one run
 at a time on this machine's device, the CPU or all its GPUs) are active. A launch is a small
 supervisor, `python -m lora_studio.runner supervise RUN`, in its own session (spawned, never
-forked: safe with CUDA; a restarted app does not take it down). The supervisor runs the same
+forked: safe with CUDA; an app that dies, even by kill -9, does not take it down: the run
+finishes, and a restarted app finds it running, then done). The supervisor runs the same
 command a person would, `python -m lora_studio train --config RUN/config.json --gpus auto`
 (`--resume RUN` to continue), which re-executes itself under torchrun with DDP when more than
 one GPU is visible. Its stdout and stderr go to RUN/train.log. The supervisor touches
 RUN/heartbeat every 10 s, records how the worker ended when it ended without a final status
 (killed, crashed), and then launches the next queued run itself: the queue advances with no
-UI open. A UI that is open calls `poll()` every second or two as well (it also reaps
-finished children and marks dead runs), which covers a supervisor that was itself killed.
+UI open. A UI that is open calls `poll()` every second or two as well (it marks dead runs),
+which covers a supervisor that was itself killed. The launching process waits for each
+supervisor in a thread, so a finished one is reaped at once, never left a zombie.
 
 States: queued -> starting -> running -> done | stopped | aborted | failed. A run counts as
 alive while its supervisor, its worker or its trainer process exists (pid and start time
 checked, zombies count as dead); a run recorded on another host (shared storage) is alive
 while RUN/heartbeat or its status is younger than 120 s. An active run that is not alive is
-reported, and written, as failed with a message.
+reported, and written, as failed with a message that says what a resume will do.
 """
 
 from __future__ import annotations
@@ -94,6 +96,14 @@ def describe_exit(code: int) -> str:
             return f"the training process crashed ({name}); see train.log"
         return f"the training process was ended by {name}"
     return f"the training process exited with code {code} before finishing; see train.log"
+
+
+def resume_hint(status: dict[str, Any]) -> str:
+    """What a resume of this interrupted run will do, for the message that reports it."""
+    step = status.get("checkpoint_step")
+    if step:
+        return f"Resume the run to continue from its last checkpoint (step {step})."
+    return "No checkpoint was saved yet: a resume starts the run again from step 0."
 
 
 def _log_tail(run_dir: Path, lines: int = 5) -> str:
@@ -297,12 +307,10 @@ class Runner:
     def _mark_dead(self, run_dir: Path) -> dict[str, Any]:
         status = rf.read_status(run_dir)  # re-read under the lock: the worker may have just finished
         if status.get("state") in rf.ACTIVE_STATES and not self._alive(run_dir, status):
-            step = status.get("checkpoint_step")
-            where = f" The last checkpoint (step {step}) can be resumed." if step else ""
             rf.write_status(
                 run_dir, rf.FAILED, finished_at=time.time(),
                 error="the training process ended without a final status (killed, crashed, or the machine "
-                f"restarted).{where}",
+                f"restarted). {resume_hint(status)}",
             )
             status = rf.read_status(run_dir)
         status["run_id"] = run_dir.name
@@ -344,6 +352,10 @@ class Runner:
         )
         with self._children_lock:
             self._children.append(proc)
+        # Wait for it the moment it exits: a finished supervisor must not stay a zombie until
+        # someone happens to call the Runner again (an app with no page open would collect one
+        # per run).
+        threading.Thread(target=proc.wait, name=f"reap-{run_dir.name}", daemon=True).start()
 
     def _reap(self) -> None:
         with self._children_lock:
@@ -379,9 +391,16 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {'resuming' if resume else 'starting'}: {' '.join(cmd)}", flush=True)
     env = {**worker_env(), "LORA_STUDIO_SUPERVISED": "1"}
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)  # inherits our stdout: train.log
-    sup = rf.read_json(run_dir / SUPERVISOR)
-    sup.update(worker_pid=proc.pid, worker_started=_create_time(proc.pid))
-    rf.write_json_atomic(run_dir / SUPERVISOR, sup)
+    # Under the runs-folder lock: the Runner that launched us writes supervisor.json under it
+    # right after our start, and our update must come after its write, not be overwritten by it.
+    # Our own pid goes in too, for a launcher killed before it could write the file.
+    with Runner(run_dir.parent, max_active=max_active, gpus=gpus)._lock():
+        sup = rf.read_json(run_dir / SUPERVISOR)
+        sup.setdefault("pid", os.getpid())
+        sup.setdefault("pid_started", _create_time(os.getpid()))
+        sup.setdefault("host", rf.hostname())
+        sup.update(worker_pid=proc.pid, worker_started=_create_time(proc.pid))
+        rf.write_json_atomic(run_dir / SUPERVISOR, sup)
 
     def forward(signum: int, frame: Any) -> None:  # a stop of the app's container: let the worker save
         with contextlib.suppress(ProcessLookupError):
@@ -396,8 +415,10 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
             break
         except subprocess.TimeoutExpired:
             continue
-    if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
+    status = rf.read_status(run_dir)
+    if status.get("state") not in rf.FINAL_STATES:
         message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
+        message = f"{message}. {resume_hint(status)}"
         rf.write_status(run_dir, rf.FAILED, error=message, exit_code=code, finished_at=time.time(), log_tail=_log_tail(run_dir))
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker exited with code {code}", flush=True)
     Runner(run_dir.parent, max_active=max_active, gpus=gpus).poll()  # the next queued run, if any

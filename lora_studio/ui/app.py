@@ -71,5 +71,6 @@ def launch(settings: AppSettings, **kwargs) -> None:
         # Never an MCP server (GRADIO_MCP_SERVER would turn one on): a second way in, not behind the login.
         mcp_server=False,
         app_kwargs=app_kwargs,
+        state_session_capacity=settings.max_sessions,
         **kwargs,
     )

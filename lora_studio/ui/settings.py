@@ -32,6 +32,10 @@ class AppSettings:
     and the operator's own `model` above, so a public page cannot train on (or export the merged
     weights of) any model folder the server holds. Unset: on, except on a Hugging Face Space
     (`SPACE_ID` set)."""
+    max_sessions: int = 200
+    """Visitor sessions whose server-side state is kept (`LORA_STUDIO_MAX_SESSIONS`); the least
+    recently active is dropped beyond it. Gradio keeps each session (about 0.4 MiB here) until this
+    cap, 10 000 by default: on a public Space that is gigabytes (see docs/reliability.md)."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AppSettings":
@@ -47,6 +51,7 @@ class AppSettings:
             host=env.get("GRADIO_SERVER_NAME") or "0.0.0.0",
             port=int(env.get("GRADIO_SERVER_PORT") or 7860),
             local_models=_local_models(env),
+            max_sessions=int(env.get("LORA_STUDIO_MAX_SESSIONS") or 200),
         )
 
 
