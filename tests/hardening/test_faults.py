@@ -100,3 +100,32 @@ def test_a_failed_status_write_never_leaves_a_broken_status(tmp_path, monkeypatc
     monkeypatch.undo()
     assert rf.read_status(tmp_path)["step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == [rf.STATUS]  # no temp file left
+
+
+def test_out_of_memory_mid_run_keeps_the_last_checkpoint_and_resumes(tiny_llama_dir, train_file, tmp_path, monkeypatch):
+    """An OOM at step 5 (checkpoints at 2 and 4): failed with advice, step 4 readable, resume equal."""
+    import lora_studio.train as train_mod
+
+    reference = train(cfg(tmp_path / "ref", tiny_llama_dir, train_file))
+    assert reference["state"] == "done"
+    real_step = train_mod._Loop.step
+
+    def step(self, ids):
+        if self.pos.step == 4:  # the fifth optimizer step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_step(self, ids)
+
+    monkeypatch.setattr(train_mod._Loop, "step", step)
+    run = tmp_path / "run"
+    failed = train(cfg(run, tiny_llama_dir, train_file))
+    assert failed["state"] == "failed" and read_status(run)["state"] == "failed"
+    assert "batch size" in failed["error"]  # the advice, not a bare traceback
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    good = latest_checkpoint(run)
+    assert good is not None and good.name == "step-000004"
+    assert load_checkpoint(good, 0, torch.device("cpu"))["state"]["step"] == 4
+
+    monkeypatch.undo()  # a smaller batch elsewhere, or the memory freed: resume
+    resumed = train(TrainConfig.load(run / "config.json"), resume=True)
+    assert resumed["state"] == "done" and resumed["resumed_from"] == 4
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
