@@ -276,6 +276,8 @@ def _read_csv(path: Path, shown: str, sep: str) -> RawData:
         reader = csv.reader(fh, delimiter=sep, strict=True)
         try:
             header = next(reader, None)
+            while header == []:  # blank lines before the header
+                header = next(reader, None)
             if not header or not any(h.strip() for h in header):
                 raise fatal(shown, "empty_file", "the file is empty")
             columns = _column_names(header)

@@ -208,3 +208,10 @@ def test_csv_row_with_more_values_than_the_header_is_a_problem_not_silently_cut(
     (problem,) = raw.problems
     assert (problem.file, problem.row, problem.kind) == (str(path), 3, "extra_fields")
     assert "3 values" in problem.message and "2 columns" in problem.message
+
+
+def test_csv_header_after_blank_lines_is_still_the_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("\n\nquestion,answer\nhi,there\n")
+    raw = read_source(path)
+    assert raw.rows == [{"question": "hi", "answer": "there"}] and not raw.problems
