@@ -38,7 +38,7 @@ def test_runs_and_chats_leave_no_process_and_no_memory_growth(soak_model, tmp_pa
     assert model_weights_mib(soak_model) > 2 * RSS_TOLERANCE_MIB  # a leaked model could not hide in the margin
     app = launch_app(tmp_path / "runs", soak_model, tmp_path / "app.log", {"LORA_STUDIO_MAX_SESSIONS": "2"})
     try:
-        samples = soak(app.url, app.process.pid, soak_model, cycles=4, steps=6)
+        samples = soak(app.url, app.process.pid, soak_model, cycles=4, steps=4)
     finally:
         stop_app(app)
     table = "\n".join(
