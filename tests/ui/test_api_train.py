@@ -7,12 +7,12 @@ from __future__ import annotations
 import html
 import json
 import re
-import time
 
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from scripts import soak
 from tests.conftest import format_rows, write_jsonl
 from tests.ui.conftest import ROOT, launch_app, stop_app
 
@@ -39,14 +39,7 @@ def inspect(client: Client, path, model: str, fmt: str = "auto", columns: str = 
 
 
 def wait_status(client: Client, pattern: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    text = ""
-    while time.monotonic() < deadline:
-        text = client.predict(api_name="/attach")[0]
-        if re.search(pattern, text):
-            return text
-        time.sleep(0.5)
-    raise AssertionError(f"status never matched {pattern!r}; last: {text}")
+    return soak.wait_status(client, pattern, timeout)  # one poller for the tests and the soak script
 
 
 def run_id_of(text: str) -> str:
