@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_studio import runfiles as rf
 from lora_studio.methods import adapter_layers, trainable_parameters
 from lora_studio.methods.base import Method
 
-CHECKPOINTS = "checkpoints"
-_NAME = re.compile(r"^step-(\d+)$")
+CHECKPOINTS = rf.CHECKPOINTS
 
 
 def checkpoint_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
@@ -104,15 +103,7 @@ def _fsync_dir_files(folder: Path) -> None:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        m = _NAME.match(path.name)
-        if m and (path / "state.json").exists():
-            found.append((int(m.group(1)), path))
-    return [p for _, p in sorted(found)]
+    return [path for _, path in rf.checkpoint_folders(run_dir)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

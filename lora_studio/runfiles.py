@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import socket
@@ -29,6 +30,8 @@ STATUS = "status.json"
 METRICS = "metrics.jsonl"
 CONTROL = "control.json"
 LOG = "train.log"
+CHECKPOINTS = "checkpoints"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 QUEUED = "queued"
 STARTING = "starting"
@@ -39,6 +42,20 @@ ABORTED = "aborted"
 FAILED = "failed"
 ACTIVE_STATES = (STARTING, RUNNING)
 FINAL_STATES = (DONE, STOPPED, ABORTED, FAILED)
+
+
+def checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first; state.json is written last, so a
+    folder without it is a save that was cut short."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _CHECKPOINT_NAME.match(path.name)
+        if m and (path / "state.json").exists():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

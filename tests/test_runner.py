@@ -36,14 +36,16 @@ def config(model_dir: str, data: Path, **kw) -> dict:
     return base
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "condition"):
+def wait_for(predicate, timeout: float = 120, what: str = "condition", context=None):
+    """Poll until predicate() is truthy; on timeout, context() (e.g. the run's status and log) is
+    put in the message, since a CI log is all there is to read afterwards."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"; {context()}" if context else ""))
 
 
 def file_state(runs: Path, run_id: str) -> str | None:
@@ -100,7 +102,7 @@ def test_killed_worker_is_failed_with_a_message_and_resumes(tiny_llama_dir, trai
     checkpoint = rf.read_status(runs / run_id)["checkpoint_step"]
     runner.resume(run_id)
     wait_for(lambda: runner.status(run_id).get("resumed_from") == checkpoint and runner.status(run_id)["step"] > checkpoint + 1,
-             what="resumed steps")
+             what="resumed steps", context=lambda: f"status {runner.status(run_id)}, log:\n{runner.log(run_id)[-3000:]}")
     runner.stop(run_id, save=False)
     assert runner.wait(run_id, timeout=60)["state"] == "aborted"
     steps = [r["step"] for r in runner.metrics(run_id)]
@@ -139,12 +141,29 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def fake_checkpoints(run_dir: Path, complete: list[int], cut_short: list[int]) -> None:
+    for step in complete + cut_short:
+        folder = run_dir / rf.CHECKPOINTS / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        if step in complete:
+            (folder / "state.json").write_text("{}")
+
+
 def test_a_run_whose_process_died_is_failed_not_running(runs):
-    fake_run(runs, "gone", state="running", pid=dead_pid(), host=rf.hostname(), step=5, checkpoint_step=4)
+    run_dir = fake_run(runs, "gone", state="running", pid=dead_pid(), host=rf.hostname(), step=9, checkpoint_step=4)
+    # Killed after step 8's checkpoint was renamed into place but before status.json said so,
+    # and again while step 9's was being written: the status must follow the disk.
+    fake_checkpoints(run_dir, complete=[4, 8], cut_short=[9])
     status = Runner(runs).status("gone")
     assert status["state"] == "failed" and "ended without a final status" in status["error"]
-    assert "step 4" in status["error"]
+    assert "step 8" in status["error"] and status["checkpoint_step"] == 8
     assert rf.read_status(runs / "gone")["state"] == "failed"  # written, not only reported
+
+
+def test_a_run_that_died_before_any_checkpoint_says_a_resume_starts_again(runs):
+    fake_run(runs, "early", state="running", pid=dead_pid(), host=rf.hostname(), step=2)
+    status = Runner(runs).status("early")
+    assert status["state"] == "failed" and "starts the run again from step 0" in status["error"]
 
 
 def test_a_live_process_keeps_its_run_running_and_can_be_asked_to_stop(runs):

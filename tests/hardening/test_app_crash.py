@@ -159,20 +159,21 @@ def test_app_and_training_killed_together_are_failed_then_resume_through_the_api
     assert on_disk["state"] == "running", "nobody was left to record the end: only a restart can tell"
     assert on_disk["step"] < steps
     checkpoint = on_disk["checkpoint_step"]
+    # The last complete checkpoint is the one status.json names, or a later one when the kill fell
+    # between a save and its status line; a save the kill cut short is not listed.
+    folder = latest_checkpoint(run_dir)
+    latest = int(folder.name.split("-")[1])
+    assert latest in (checkpoint, checkpoint + 4)
 
     app2 = launch(runs, tiny_llama_dir, "app2")
     client = Client(app2.url, verbose=False)
     assert runs_row(client, run_id)["state"] == "failed"
     text = client.predict(api_name="/attach")[0]
     assert f"**{run_id}: failed**" in text and "ended without a final status" in text
-    assert f"Resume the run to continue from its last checkpoint (step {checkpoint})" in text
-    assert rf.read_status(run_dir)["state"] == "failed"  # written back, for the CLI and other apps too
+    assert f"Resume the run to continue from its last checkpoint (step {latest})" in text  # the disk's, not the status's
+    written = rf.read_status(run_dir)  # written back, for the CLI and other apps too
+    assert written["state"] == "failed" and written["checkpoint_step"] == latest
 
-    # The last complete checkpoint loads. It is the one status.json names, or a later one when
-    # the kill fell between a save and its status line; a save the kill cut short is not listed.
-    folder = latest_checkpoint(run_dir)
-    latest = int(folder.name.split("-")[1])
-    assert latest in (checkpoint, checkpoint + 4)
     loaded = load_checkpoint(folder, 0, torch.device("cpu"))
     assert loaded["state"]["step"] == latest and loaded["optimizer"]["optimizer"]["state"]
     assert loaded["model"] and all(torch.isfinite(t).all() for t in loaded["model"].values())
@@ -207,6 +208,9 @@ def test_a_run_found_dead_after_a_restart_says_what_resume_does(tmp_path, checkp
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
     rf.write_status(run_dir, rf.RUNNING, pid=dead.pid, pid_started=time.time(), step=9, checkpoint_step=checkpoint)
+    if checkpoint:  # the hint follows the checkpoints on disk, complete ones only (state.json last)
+        (run_dir / rf.CHECKPOINTS / f"step-{checkpoint:06d}").mkdir(parents=True)
+        (run_dir / rf.CHECKPOINTS / f"step-{checkpoint:06d}" / "state.json").write_text("{}")
     status = Runner(tmp_path / "runs").status("r1")
     assert status["state"] == "failed" and rf.read_status(run_dir)["state"] == "failed"
     if checkpoint:
