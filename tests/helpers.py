@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from lora_studio import runfiles as rf
 from lora_studio.config import TrainConfig
 from lora_studio.methods import get_method, inject_adapters, trainable_parameters
 from lora_studio.models import load_model
@@ -40,3 +43,13 @@ def sample_ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> t
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     return model(input_ids=ids).logits
+
+
+def fake_checkpoints(run_dir: Path, complete: list[int], cut_short: tuple[int, ...] = ()) -> None:
+    """Checkpoint folders as a run leaves them: complete ones have state.json (written last),
+    a save cut short has not."""
+    for step in [*complete, *cut_short]:
+        folder = run_dir / rf.CHECKPOINTS / f"step-{step:06d}"
+        folder.mkdir(parents=True)
+        if step in complete:
+            (folder / "state.json").write_text("{}")

@@ -15,6 +15,7 @@ import pytest
 from lora_studio import runfiles as rf
 from lora_studio.runner import SUPERVISOR, Runner, pid_alive
 from tests.conftest import format_rows, write_jsonl
+from tests.helpers import fake_checkpoints
 
 
 @pytest.fixture
@@ -141,19 +142,11 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def fake_checkpoints(run_dir: Path, complete: list[int], cut_short: list[int]) -> None:
-    for step in complete + cut_short:
-        folder = run_dir / rf.CHECKPOINTS / f"step-{step:06d}"
-        folder.mkdir(parents=True)
-        if step in complete:
-            (folder / "state.json").write_text("{}")
-
-
 def test_a_run_whose_process_died_is_failed_not_running(runs):
     run_dir = fake_run(runs, "gone", state="running", pid=dead_pid(), host=rf.hostname(), step=9, checkpoint_step=4)
-    # Killed after step 8's checkpoint was renamed into place but before status.json said so,
-    # and again while step 9's was being written: the status must follow the disk.
-    fake_checkpoints(run_dir, complete=[4, 8], cut_short=[9])
+    # Killed while step 9's checkpoint was being written, and step 8's had been renamed into place
+    # before status.json said so: the status must follow the complete checkpoints on disk.
+    fake_checkpoints(run_dir, complete=[4, 8], cut_short=(9,))
     status = Runner(runs).status("gone")
     assert status["state"] == "failed" and "ended without a final status" in status["error"]
     assert "step 8" in status["error"] and status["checkpoint_step"] == 8

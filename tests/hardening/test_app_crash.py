@@ -29,6 +29,7 @@ from lora_studio.config import TrainConfig
 from lora_studio.runner import SUPERVISOR, pid_alive
 from lora_studio.train import train
 from scripts.soak import EXAMPLE, train_settings, wait_status
+from tests.helpers import fake_checkpoints
 from tests.ui.conftest import LaunchedApp, launch_app, stop_app
 
 
@@ -208,9 +209,8 @@ def test_a_run_found_dead_after_a_restart_says_what_resume_does(tmp_path, checkp
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
     rf.write_status(run_dir, rf.RUNNING, pid=dead.pid, pid_started=time.time(), step=9, checkpoint_step=checkpoint)
-    if checkpoint:  # the hint follows the checkpoints on disk, complete ones only (state.json last)
-        (run_dir / rf.CHECKPOINTS / f"step-{checkpoint:06d}").mkdir(parents=True)
-        (run_dir / rf.CHECKPOINTS / f"step-{checkpoint:06d}" / "state.json").write_text("{}")
+    if checkpoint:  # the hint follows the complete checkpoints on disk
+        fake_checkpoints(run_dir, complete=[checkpoint])
     status = Runner(tmp_path / "runs").status("r1")
     assert status["state"] == "failed" and rf.read_status(run_dir)["state"] == "failed"
     if checkpoint:
