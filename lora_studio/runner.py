@@ -98,17 +98,19 @@ def describe_exit(code: int) -> str:
     return f"the training process exited with code {code} before finishing; see train.log"
 
 
-def with_disk_checkpoint(run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
-    """The status with checkpoint_step taken from the checkpoints on disk: a worker killed between
-    renaming a checkpoint into place and writing status.json leaves the status one checkpoint
-    behind, and a resume continues from the newest one on disk."""
+def write_interrupted(run_dir: Path, message: str, **fields: Any) -> None:
+    """Mark a run that ended without a final status as failed: `message`, then what a resume will
+    do. Its checkpoint step is taken from the checkpoints on disk: a worker killed between renaming
+    a checkpoint into place and writing status.json leaves the status one checkpoint behind, and a
+    resume continues from the newest one on disk."""
     found = rf.checkpoint_folders(run_dir)
-    return {**status, "checkpoint_step": found[-1][0] if found else None}
+    step = found[-1][0] if found else None
+    rf.write_status(run_dir, rf.FAILED, error=f"{message} {resume_hint(step)}",
+                    checkpoint_step=step, finished_at=time.time(), **fields)
 
 
-def resume_hint(status: dict[str, Any]) -> str:
-    """What a resume of this interrupted run will do, for the message that reports it."""
-    step = status.get("checkpoint_step")
+def resume_hint(step: int | None) -> str:
+    """What a resume of an interrupted run whose last checkpoint is `step` will do."""
     if step:
         return f"Resume the run to continue from its last checkpoint (step {step})."
     return "No checkpoint was saved yet: a resume starts the run again from step 0."
@@ -315,11 +317,8 @@ class Runner:
     def _mark_dead(self, run_dir: Path) -> dict[str, Any]:
         status = rf.read_status(run_dir)  # re-read under the lock: the worker may have just finished
         if status.get("state") in rf.ACTIVE_STATES and not self._alive(run_dir, status):
-            status = with_disk_checkpoint(run_dir, status)
-            rf.write_status(
-                run_dir, rf.FAILED, finished_at=time.time(), checkpoint_step=status.get("checkpoint_step"),
-                error="the training process ended without a final status (killed, crashed, or the machine "
-                f"restarted). {resume_hint(status)}",
+            write_interrupted(
+                run_dir, "the training process ended without a final status (killed, crashed, or the machine restarted)."
             )
             status = rf.read_status(run_dir)
         status["run_id"] = run_dir.name
@@ -424,13 +423,9 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
             break
         except subprocess.TimeoutExpired:
             continue
-    status = rf.read_status(run_dir)
-    if status.get("state") not in rf.FINAL_STATES:
-        status = with_disk_checkpoint(run_dir, status)
+    if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
         message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
-        message = f"{message}. {resume_hint(status)}"
-        rf.write_status(run_dir, rf.FAILED, error=message, exit_code=code, finished_at=time.time(), log_tail=_log_tail(run_dir),
-                        checkpoint_step=status.get("checkpoint_step"))
+        write_interrupted(run_dir, f"{message}.", exit_code=code, log_tail=_log_tail(run_dir))
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker exited with code {code}", flush=True)
     Runner(run_dir.parent, max_active=max_active, gpus=gpus).poll()  # the next queued run, if any
     return 0
