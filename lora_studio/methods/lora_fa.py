@@ -43,22 +43,29 @@ class _FrozenALoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-        z = F.linear(x, lora_A)  # (..., r)
+        z = F.linear(x, lora_A)  # (..., r); bf16 under bf16 autocast, whatever x and A are
         ctx.save_for_backward(z, lora_A, lora_B)
         ctx.scaling = scaling
+        ctx.x_dtype = x.dtype
         return F.linear(z, lora_B) * scaling  # (..., d_out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         z, lora_A, lora_B = ctx.saved_tensors
         s = ctx.scaling
+        # Backward runs outside autocast: do its products in the forward's compute dtype (z's),
+        # as autocast would have, and hand each gradient back in its input's dtype (B's master
+        # weights stay fp32 under bf16 autocast).
+        compute = z.dtype
+        grad_out = grad_out.to(compute)
         grad_x = grad_B = None
         if ctx.needs_input_grad[2]:
             # (d_out, N) @ (N, r) summed over every token
             grad_B = grad_out.reshape(-1, grad_out.shape[-1]).T @ z.reshape(-1, z.shape[-1]) * s
+            grad_B = grad_B.to(lora_B.dtype)
         if ctx.needs_input_grad[0]:
-            grad_z = F.linear(grad_out, lora_B.T) * s  # (..., r)
-            grad_x = F.linear(grad_z, lora_A.T)  # (..., d_in)
+            grad_z = F.linear(grad_out, lora_B.to(compute).T) * s  # (..., r)
+            grad_x = F.linear(grad_z, lora_A.to(compute).T).to(ctx.x_dtype)  # (..., d_in)
         return grad_x, None, grad_B, None
 
 
@@ -70,7 +77,9 @@ class LoRAFALinear(LoRALinear):
         self.lora_A.requires_grad_(False)
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
-        return _FrozenALoRA.apply(x.to(self.lora_B.dtype), self.lora_A, self.lora_B, self.scaling)
+        if not torch.is_autocast_enabled(x.device.type):  # autocast casts x itself (see LoRALinear)
+            x = x.to(self.lora_B.dtype)
+        return _FrozenALoRA.apply(x, self.lora_A, self.lora_B, self.scaling)
 
 
 def build_lora_fa(base: nn.Module, cfg: Any, context: dict) -> LoRAFALinear:
