@@ -203,6 +203,7 @@ class Turns:
         self.label = label
         self.rows: list[dict[str, Any]] = []
         self._started = False
+        self._owed = False  # a go was taken for a step that has not answered yet
         self._t0 = self._c0 = self._at = 0.0
 
     def send(self, message: str) -> None:
@@ -220,6 +221,7 @@ class Turns:
             self._started = True
             self.send("ready")
         self.wait()
+        self._owed = True
         self._t0, self._c0, self._at = time.perf_counter(), time.process_time(), time.time()
         return False
 
@@ -232,13 +234,16 @@ class Turns:
         if n == 1 or n % 10 == 0:
             elapsed = sum(r["step_s"] for r in self.rows)
             print(f"  {self.label}: step {n} loss {row['loss']:.4f} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
+        self._owed = False
         self.send("stepped")
 
     def finished_training(self) -> None:
         if not self._started:  # failed before the first step: still take part in the handshake
             self._started = True
             self.send("ready")
-        self.wait()
+        if not self._owed:  # else a step failed after its go: the driver awaits its answer now
+            self.wait()
+        self._owed = False
         self.send("trained")
         self.wait()  # evaluation goes one run at a time too
 
@@ -465,14 +470,24 @@ def run_variants(specs: list[dict[str, Any]], timeout: float = 1800.0) -> dict[s
                                "state": "loading", "t0": time.perf_counter()}
 
     def ask(run: dict[str, Any], say: bool = True) -> str:
+        """Send a go (unless `say` is False) and wait for the answer; "" when the worker died,
+        "timeout" after `timeout` s. The worker's process is checked every second, so a dead
+        one is noticed even if something else still holds its end of the pipe."""
         if say:
             try:
                 run["go"].write("go\n")
                 run["go"].flush()
             except BrokenPipeError:
                 return ""
-        ready, _, _ = select.select([run["back"]], [], [], timeout)
-        return run["back"].readline().strip() if ready else "timeout"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([run["back"]], [], [], 1.0)
+            if ready:
+                return run["back"].readline().strip()
+            if run["proc"].poll() is not None:  # it may have answered just before it ended
+                ready, _, _ = select.select([run["back"]], [], [], 0)
+                return run["back"].readline().strip() if ready else ""
+        return "timeout"
 
     for run in runs.values():  # wait until every run has loaded (loading is not timed)
         run["state"] = "training" if ask(run, say=False) == "ready" else "gone"
