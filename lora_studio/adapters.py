@@ -83,6 +83,7 @@ def save_adapter(
             for key, value in layer.peft_state().items():
                 tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    require_finite(tensors, f"the adapter in {out}")
     config = peft_config(model, settings, base_model)
     # Written then renamed, so an interrupted save never leaves a half-written adapter.
     _atomic_write_bytes(out / "adapter_config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -92,6 +93,16 @@ def save_adapter(
     record = {"method": settings["method"], "settings": settings, "modules": sorted(layers), **(extra or {})}
     _atomic_write_bytes(out / STUDIO_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
     return out
+
+
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write NaN or inf weights: a file that loads but answers garbage is worse than none."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"not writing {what}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); training diverged. "
+            "Lower the learning rate and train again"
+        )
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

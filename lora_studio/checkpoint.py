@@ -12,7 +12,9 @@
                            written last, so a folder without it is incomplete and ignored
 
 A checkpoint is written into `step-N.tmp/` and renamed when complete; only then are older
-ones deleted, so a crash or kill at any moment leaves the last good checkpoint readable.
+ones deleted, so a crash or kill at any moment leaves the last good checkpoint readable. The
+two newest are kept: a resume that finds the newest unreadable (a disk error, a file cut
+short) falls back to the one before it. No checkpoint ever holds NaN or inf weights.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_studio import runfiles as rf
+from lora_studio.adapters import require_finite
 from lora_studio.methods import adapter_layers, trainable_parameters
 from lora_studio.methods.base import Method
 
 CHECKPOINTS = rf.CHECKPOINTS
+KEEP = 2
+"""Complete checkpoints kept per run: the newest, and one to fall back to."""
 
 
 def checkpoint_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
@@ -77,6 +82,7 @@ def save_checkpoint(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_tensors.items()}
+        require_finite(cpu, f"the checkpoint of step {step}")
         save_file(cpu, str(folder / "model.safetensors"), metadata={"step": str(step)})
         torch.save(optimizer_state, folder / "optimizer.pt")
         (folder / "state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True) + "\n")
@@ -88,9 +94,12 @@ def save_checkpoint(
     if final.exists():  # the same step saved again (stop right after a periodic save)
         shutil.rmtree(final)
     os.replace(folder, final)
-    for older in list_checkpoints(run_dir):
-        if older != final:
-            shutil.rmtree(older, ignore_errors=True)
+    others = [(n, path) for n, path in rf.checkpoint_folders(run_dir) if path != final]
+    # Newer ones belong to a future this run left (a resume that fell back past a corrupt one).
+    stale = [path for n, path in others if n > step]
+    older = [path for n, path in others if n < step]
+    for path in stale + older[: -(KEEP - 1) or None]:
+        shutil.rmtree(path, ignore_errors=True)
     return final
 
 
@@ -123,6 +132,20 @@ def load_checkpoint(folder: Path, rank: int, device: torch.device) -> dict[str, 
         "optimizer": torch.load(folder / "optimizer.pt", map_location=device, weights_only=True),
         "rng": load_file(str(rng_file)),
     }
+
+
+def load_latest_checkpoint(run_dir: str | Path, rank: int, device: torch.device) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """The newest checkpoint that loads, newest first; (folder, contents, why each newer one was
+    skipped), or None when there is none."""
+    skipped: list[str] = []
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            return folder, load_checkpoint(folder, rank, device), skipped
+        except Exception as e:  # noqa: BLE001 - a corrupt file of any kind: try the one before
+            skipped.append(f"{folder.name}: {e.__class__.__name__}: {e}"[:300])
+    if skipped:
+        raise ValueError("no checkpoint of this run can be read: " + "; ".join(skipped))
+    return None
 
 
 def restore_model_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], method: Method) -> None:

@@ -102,7 +102,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Atomically (temp file, fsync, rename): a run's config is never seen half-written."""
+        from lora_studio.runfiles import write_json_atomic
+
+        write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

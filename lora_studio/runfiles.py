@@ -59,10 +59,14 @@ def checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write then rename; the temporary name is unique so two writers never share one."""
+    """Write, fsync, then rename: a reader (or a power cut) sees the old file or the new one, never
+    half of one. The temporary name is unique so two writers never share one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        with tmp.open("w") as fh:
+            fh.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(path)
     finally:
         if tmp.exists():

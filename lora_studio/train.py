@@ -47,8 +47,7 @@ from lora_studio.adapters import save_adapter
 from lora_studio.checkpoint import (
     CHECKPOINTS,
     checkpoint_tensors,
-    latest_checkpoint,
-    load_checkpoint,
+    load_latest_checkpoint,
     restore_model_tensors,
     rng_state,
     save_checkpoint,
@@ -373,6 +372,19 @@ def _process_started() -> float:
     return psutil.Process().create_time()
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm of a step became NaN or infinite: the step is not applied."""
+
+
+def diverged_message(what: str, value: float, step: int, lr: float) -> str:
+    kind = "NaN" if math.isnan(value) else "infinite"
+    return (
+        f"training diverged: the {what} became {kind} at step {step}, so that step was not applied and "
+        f"nothing of it was saved (the last good checkpoint is kept). Lower the learning rate "
+        f"(now {lr:g}; try {lr / 4:g}), or check the model's weights and the data for NaN or inf"
+    )
+
+
 OOM_ADVICE = (
     "out of memory: lower the batch size or the max sequence length, raise grad_accum_steps, "
     "turn on gradient checkpointing, or use a 4-bit base (--quantize 4bit)"
@@ -520,9 +532,16 @@ class _Loop:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += summed.detach().double() * weight
         (loss_total,) = self._all_sum([float(loss_sum)])
+        step = self.pos.step + 1
+        if not math.isfinite(loss_total):  # every rank sees the same sum: all leave together
+            raise TrainingDiverged(diverged_message("loss", loss_total, step, cfg.lr))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        if self.scaler is None and not math.isfinite(float(grad_norm)):
+            # (fp16's scaler skips an overflowing step itself and lowers its scale: a rare inf is
+            # expected there, and `scaler.step` below applies nothing for it.)
+            raise TrainingDiverged(diverged_message("gradient norm", float(grad_norm), step, cfg.lr))
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -585,10 +604,12 @@ class _Loop:
 
     def restore(self) -> int | None:
         """Load the last checkpoint, if any; returns its step."""
-        folder = latest_checkpoint(self.run_dir)
-        if folder is None:
+        found = load_latest_checkpoint(self.run_dir, self.env.rank, self.device)
+        if found is None:
             return None
-        saved = load_checkpoint(folder, self.env.rank, self.device)
+        folder, saved, skipped = found
+        if skipped and self.env.main:  # said in the status, so nobody wonders why steps repeat
+            write_status(self.run_dir, "running", resume_note=f"resumed from {folder.name}; unreadable: " + "; ".join(skipped))
         restore_model_tensors(self.model, saved["model"], self.method)
         self.optimizer.load_state_dict(saved["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(saved["optimizer"]["scheduler"])

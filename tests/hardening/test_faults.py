@@ -129,3 +129,92 @@ def test_out_of_memory_mid_run_keeps_the_last_checkpoint_and_resumes(tiny_llama_
     resumed = train(TrainConfig.load(run / "config.json"), resume=True)
     assert resumed["state"] == "done" and resumed["resumed_from"] == 4
     assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
+
+
+# ---------------------------------------------------------------- a diverging run
+
+
+def _poisoned_model_dir(model_dir: str, out) -> str:
+    """The tiny model with a single NaN in one frozen weight (the first MLP's gate)."""
+    from lora_studio.models import load_model, load_tokenizer
+
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    return str(out)
+
+
+def _all_finite(path) -> bool:
+    from safetensors.torch import load_file
+
+    return all(bool(torch.isfinite(t).all()) for t in load_file(str(path)).values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nan_in_a_frozen_weight_fails_at_step_one_and_writes_no_weights(tiny_llama_dir, train_file, tmp_path, precision):
+    model_dir = _poisoned_model_dir(tiny_llama_dir, tmp_path / "poisoned")
+    run = tmp_path / "run"
+    status = train(cfg(run, model_dir, train_file, precision=precision, checkpoint_every=1, dropout=0.0))
+    assert status["state"] == "failed" and read_status(run)["state"] == "failed"
+    assert "loss became NaN at step 1" in status["error"]
+    assert "learning rate" in status["error"]  # what to try
+    assert not (run / "adapter").exists() and latest_checkpoint(run) is None
+    assert read_metrics(run) == []  # the step was not applied, so not logged either
+
+
+def test_a_loss_turning_nan_mid_run_keeps_the_last_good_checkpoint(tiny_llama_dir, train_file, tmp_path, monkeypatch):
+    """Steps 1-3 are fine (checkpoint at 2); the model turns NaN after step 3: step 4 stops the run
+    before the optimizer applies it; checkpoint 2 stays, finite, and nothing non-finite is written."""
+    import lora_studio.train as train_mod
+
+    real_step = train_mod._Loop.step
+
+    def step(self, ids):
+        if self.pos.step == 3:  # before the fourth step: a NaN appears in a frozen weight
+            with torch.no_grad():
+                self.model.model.layers[1].self_attn.o_proj.base.weight[0, 0] = float("nan")
+        return real_step(self, ids)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_mod._Loop, "step", step)
+    status = train(cfg(run, tiny_llama_dir, train_file, precision="fp32"))
+    assert status["state"] == "failed" and "loss became NaN at step 4" in status["error"]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    good = latest_checkpoint(run)
+    assert good is not None and good.name == "step-000002"
+    assert _all_finite(good / "model.safetensors")
+    assert not (run / "adapter").exists()
+
+
+def test_no_file_with_non_finite_weights_is_ever_written(tmp_path):
+    from lora_studio.adapters import require_finite
+
+    with pytest.raises(ValueError, match="NaN or inf .*first: b"):
+        require_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("inf")])}, "the test file")
+    require_finite({"a": torch.ones(2), "steps": torch.tensor([3])}, "the test file")  # finite: no error
+    with pytest.raises(ValueError, match="not writing the checkpoint of step 5"):
+        ckpt.save_checkpoint(tmp_path, 5, {"w": torch.tensor([float("nan")])}, {}, {})
+    assert latest_checkpoint(tmp_path) is None and not list((tmp_path / "checkpoints").glob("*"))
+
+
+# ---------------------------------------------------------------- a corrupt checkpoint
+
+
+def test_the_two_newest_checkpoints_are_kept_and_a_corrupt_newest_falls_back(tiny_llama_dir, train_file, tmp_path):
+    reference = train(cfg(tmp_path / "ref", tiny_llama_dir, train_file))
+    assert reference["state"] == "done"
+    run = tmp_path / "run"
+    stopped = train(cfg(run, tiny_llama_dir, train_file), should_stop=lambda: len(read_metrics(run)) >= 5)
+    assert stopped["state"] == "stopped" and stopped["step"] == 5
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000004", "step-000005"]
+    # The newest is cut short on disk (a crash of the storage, not of our rename).
+    newest = run / "checkpoints" / "step-000005" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:50])
+
+    resumed = train(TrainConfig.load(run / "config.json"), resume=True)
+    assert resumed["state"] == "done" and resumed["resumed_from"] == 4
+    assert "step-000005" in resumed["resume_note"] and "resumed from step-000004" in resumed["resume_note"]
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(tmp_path / "ref")]
