@@ -30,7 +30,8 @@ def test_two_gloo_processes_equal_one_process(tiny_llama_dir, tmp_path):
     # 25 rows in batches of 4: the last batch of the epoch has 1 sample, so one rank has
     # nothing and must still join the gradient all-reduce; accumulation splits rank shares.
     data = write_jsonl(tmp_path / "train.jsonl", format_rows(25))
-    common = dict(data=str(data), model=tiny_llama_dir, rank=4, batch_size=4, epochs=1, checkpoint_every=0, eval_every=0)
+    common = dict(data=str(data), model=tiny_llama_dir, rank=4, batch_size=4, epochs=1, checkpoint_every=0, eval_every=0,
+                  precision="fp32")  # an equality test: `auto` may pick bf16
     single = TrainConfig(out=str(tmp_path / "single"), **common)
     double = TrainConfig(out=str(tmp_path / "ddp"), grad_accum_steps=2, **common)
     single.save(tmp_path / "single.json")

@@ -100,13 +100,17 @@ def test_four_bit_weights_are_counted_at_nf4_size(tiny_llama_dir):
 def test_estimate_for_examples_takes_the_longest_micro_batch(tiny_llama_dir):
     from lora_studio.data import Example
 
-    cfg = TrainConfig(data="x", out="x", model=tiny_llama_dir, rank=4, batch_size=2).resolved()
+    cfg = TrainConfig(data="x", out="x", model=tiny_llama_dir, rank=4, batch_size=2, precision="fp32").resolved()
     examples = [Example([1] * n, [-100] * (n - 3) + [5, 5, 5]) for n in (10, 40, 25, 38)]
     model = adapted_model(tiny_llama_dir, cfg)
     est = estimate_for_examples(cfg, model, examples, torch.device("cpu"))
     assert (est.micro_batch, est.seq_len) == (2, 40)
     # 3 trained tokens in each of the 2 longest: one chunk of 6 fp32 logit rows, and d/dhidden for the 6.
     assert est.logits_mb * MB == 6 * model.config.vocab_size * 4 + 6 * model.config.hidden_size * 4
+    # bf16 autocast: the chunk's bf16 logits are copied to fp32 (2 + 4 bytes a logit).
+    bf16 = TrainConfig(**{**cfg.to_dict(), "precision": "bf16"})
+    est = estimate_for_examples(bf16, model, examples, torch.device("cpu"))
+    assert est.logits_mb * MB == 6 * model.config.vocab_size * 6 + 6 * model.config.hidden_size * 4
 
 
 @pytest.mark.slow

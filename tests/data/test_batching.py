@@ -97,7 +97,11 @@ def test_packed_batch_equals_samples_one_by_one(tiny_model_dir, examples, tokeni
     torch.testing.assert_close(loss_p, loss_s, rtol=1e-5, atol=1e-4)
     assert grads_p.keys() == grads_s.keys() and grads_p
     for name in grads_s:
-        torch.testing.assert_close(grads_p[name], grads_s[name], rtol=1e-4, atol=1e-5, msg=name)
+        # The gradients reach ~40 here; the two layouts sum in different orders (the AVX-512 sdpa
+        # kernel differs most), so near-zero entries may differ by a few ulps of the tensor's
+        # largest one. A wrong layout is off by O(1) of it.
+        atol = max(1e-5, 4e-6 * float(grads_s[name].abs().max()))
+        torch.testing.assert_close(grads_p[name], grads_s[name], rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_2d_mask_would_let_packed_samples_see_each_other(tiny_llama_dir, examples, tokenizer):
