@@ -63,7 +63,9 @@ class DeltaLoRALinear(LoRALinear):
                 self.start_A.copy_(self.prev_A)
                 self.start_B.copy_(self.prev_B)
                 self.moved = True
-            delta = (self.lora_B @ self.lora_A - self.prev_B @ self.prev_A) * (self.lam * self.scaling)  # (d_out, d_in)
+            # fp32 even if called under autocast: these increments add up in W over the whole run.
+            with torch.autocast(self.lora_A.device.type, enabled=False):
+                delta = (self.lora_B @ self.lora_A - self.prev_B @ self.prev_A) * (self.lam * self.scaling)  # (d_out, d_in)
             weight = self.base.weight
             weight.add_((delta.T if isinstance(self.base, Conv1D) else delta).to(weight.dtype))
         self.prev_A.copy_(self.lora_A)

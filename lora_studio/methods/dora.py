@@ -48,8 +48,10 @@ class DoRALinear(LoRALinear):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """‖W0 + s·B A‖ per output row, (d_out,), outside the graph."""
-        return torch.linalg.norm(self.base_w() + self.delta_weight(), dim=1)
+        """‖W0 + s·B A‖ per output row, (d_out,), outside the graph, in fp32 even under autocast:
+        bf16's 8-bit mantissa would put a ~2e-3 relative error on the scale of every output row."""
+        with torch.autocast(self.lora_A.device.type, enabled=False):
+            return torch.linalg.norm(self.base_w() + self.delta_weight(), dim=1)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scale = self.lora_magnitude_vector / self.weight_norm()  # f: (d_out,)
