@@ -83,18 +83,14 @@ def test_fault_while_checkpointing_keeps_the_last_good_one_and_resumes(
 
 def test_a_failed_status_write_never_leaves_a_broken_status(tmp_path, monkeypatch):
     """status.json is replaced atomically: a write that fails midway keeps the old one whole."""
-    from pathlib import Path
-
     from lora_studio import runfiles as rf
 
     rf.write_status(tmp_path, rf.RUNNING, step=3)
-    real = Path.write_text
 
-    def full(self, *a, **k):
-        real(self, '{"half', encoding="utf-8")
+    def full(fd):  # the new text is in the temp file; the disk fills as it reaches the device
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr(rf.os, "fsync", full)
     with pytest.raises(OSError):
         rf.write_status(tmp_path, rf.RUNNING, step=4)
     monkeypatch.undo()
