@@ -54,6 +54,7 @@ import psutil
 
 from lora_studio import runfiles as rf
 from lora_studio.config import TrainConfig
+from lora_studio.redact import redact
 
 RUNS_ENV = "LORA_STUDIO_RUNS_DIR"
 SUPERVISOR = "supervisor.json"
@@ -159,14 +160,21 @@ class Runner:
 
     def resume(self, run_id: str) -> str:
         """Queue a stopped, aborted or failed run to continue from its last checkpoint."""
-        status = self.status(run_id)
-        if status.get("state") in (rf.QUEUED, *rf.ACTIVE_STATES):
-            raise ValueError(f"run {run_id} is {status['state']}; only a finished run can be resumed")
-        if status.get("state") == rf.DONE:
-            raise ValueError(f"run {run_id} is done; there is nothing left to train")
         run_dir = self.run_dir(run_id)
-        rf.clear_control(run_dir)
-        rf.write_status(run_dir, rf.QUEUED, queued_at=time.time(), resume=True, error=None, finished_at=None)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"no run {run_id!r} under {self.runs_dir}")
+        # Under the lock that delete takes: a resume racing a delete either finds the folder
+        # gone or queues it whole, never writes a status into a half-removed folder.
+        with self._lock():
+            if not run_dir.is_dir():
+                raise FileNotFoundError(f"no run {run_id!r} under {self.runs_dir}")
+            status = self._observed(run_dir, locked=True)
+            if status.get("state") in (rf.QUEUED, *rf.ACTIVE_STATES):
+                raise ValueError(f"run {run_id} is {status['state']}; only a finished run can be resumed")
+            if status.get("state") == rf.DONE:
+                raise ValueError(f"run {run_id} is done; there is nothing left to train")
+            rf.clear_control(run_dir)
+            rf.write_status(run_dir, rf.QUEUED, queued_at=time.time(), resume=True, error=None, finished_at=None)
         self.poll()
         return run_id
 
@@ -225,6 +233,32 @@ class Runner:
             if sup.get("host") in (None, rf.hostname()) and pid_alive(sup.get("pid"), sup.get("pid_started")):
                 raise ValueError(f"run {run_id} is still finishing (its process is exiting): try again in a moment")
             shutil.rmtree(run_dir)
+
+    def shutdown(self, timeout: float = 25.0) -> list[str]:
+        """Stop every run this machine is training, saving a checkpoint of the step in flight,
+        and wait up to `timeout` s for their processes to exit; returns their ids.
+
+        For the app's own stop (a Space restart sends SIGTERM): each run's supervisor gets
+        SIGTERM, forwards it to the trainer (which saves and ends `stopped`, resumable), and
+        starts no queued run after it; queued runs stay queued for the next start.
+        """
+        signalled: list[tuple[str, int, float | None]] = []
+        with self._lock():
+            for run_dir in self._run_dirs():
+                status = self._observed(run_dir, locked=True)
+                if status.get("state") not in rf.ACTIVE_STATES:
+                    continue
+                sup = rf.read_json(run_dir / SUPERVISOR)
+                if sup.get("host") not in (None, rf.hostname()) or not pid_alive(sup.get("pid"), sup.get("pid_started")):
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sup["pid"], signal.SIGTERM)
+                    signalled.append((run_dir.name, sup["pid"], sup.get("pid_started")))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(pid_alive(pid, started) for _, pid, started in signalled):
+            self._reap()
+            time.sleep(0.1)
+        return [run_id for run_id, _, _ in signalled]
 
     def poll(self) -> list[str]:
         """Reap finished children, mark dead runs failed, launch queued runs while the device
@@ -398,7 +432,11 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
     cmd += ["--resume", str(run_dir)] if resume else ["--config", str(run_dir / "config.json")]
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {'resuming' if resume else 'starting'}: {' '.join(cmd)}", flush=True)
     env = {**worker_env(), "LORA_STUDIO_SUPERVISED": "1"}
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env)  # inherits our stdout: train.log
+    # The worker's output reaches train.log (our stdout) through `redact`: a library's error
+    # that quotes a token (a URL, a header) must not be written to disk or shown in the UI.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    copier = threading.Thread(target=_copy_redacted, args=(proc.stdout, sys.stdout.buffer), daemon=True)
+    copier.start()
     # Under the runs-folder lock: the Runner that launched us writes supervisor.json under it
     # right after our start, and our update must come after its write, not be overwritten by it.
     # Our own pid goes in too, for a launcher killed before it could write the file.
@@ -410,7 +448,10 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
         sup.update(worker_pid=proc.pid, worker_started=_create_time(proc.pid))
         rf.write_json_atomic(run_dir / SUPERVISOR, sup)
 
+    terminating = []
+
     def forward(signum: int, frame: Any) -> None:  # a stop of the app's container: let the worker save
+        terminating.append(signum)
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
 
@@ -423,12 +464,23 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
             break
         except subprocess.TimeoutExpired:
             continue
+    copier.join(timeout=5)
     if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
         message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
         write_interrupted(run_dir, f"{message}.", exit_code=code, log_tail=_log_tail(run_dir))
     print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker exited with code {code}", flush=True)
-    Runner(run_dir.parent, max_active=max_active, gpus=gpus).poll()  # the next queued run, if any
+    if not terminating:  # on SIGTERM the machine is going down: the queue waits for the next start
+        Runner(run_dir.parent, max_active=max_active, gpus=gpus).poll()  # the next queued run, if any
     return 0
+
+
+def _copy_redacted(source: Any, sink: Any, chunk: int = 1 << 16) -> None:
+    """Copy the worker's output line by line (a line cut at `chunk` bytes), tokens redacted."""
+    for line in iter(lambda: source.readline(chunk), b""):
+        text = line.decode("utf-8", errors="replace")
+        with contextlib.suppress(OSError, ValueError):  # a full disk must not kill the supervisor
+            sink.write(redact(text).encode("utf-8"))
+            sink.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

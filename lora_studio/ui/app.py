@@ -57,6 +57,7 @@ def launch(settings: AppSettings, **kwargs) -> None:
     """Serve the app: queue on (one training start and one generation at a time), login if set."""
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=1, max_size=64)
+    _stop_runs_on_sigterm(settings)
     app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
     if settings.auth:  # gradio leaves a few routes open; the wall closes them (see ui/login.py)
         app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(LoginWall)]
@@ -74,3 +75,22 @@ def launch(settings: AppSettings, **kwargs) -> None:
         state_session_capacity=settings.max_sessions,
         **kwargs,
     )
+
+
+def _stop_runs_on_sigterm(settings: AppSettings) -> None:
+    """A Space restart or `docker stop` sends SIGTERM: each running run saves a checkpoint of
+    the step in flight and ends `stopped` (resumable) before the app exits."""
+    import signal
+    import threading
+
+    from lora_studio.runner import Runner
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread (tests may launch from another)
+
+    def on_term(signum: int, frame: object) -> None:
+        stopped = Runner(settings.runs_dir).shutdown(timeout=settings.stop_grace)
+        print(f"SIGTERM: stopped {len(stopped)} run(s) with a checkpoint; exiting", flush=True)
+        raise KeyboardInterrupt  # gradio's launch loop closes the server on it
+
+    signal.signal(signal.SIGTERM, on_term)

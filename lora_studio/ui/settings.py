@@ -36,6 +36,9 @@ class AppSettings:
     """Visitor sessions whose server-side state is kept (`LORA_STUDIO_MAX_SESSIONS`); the least
     recently active is dropped beyond it. Gradio keeps each session (about 0.4 MiB here) until this
     cap, 10 000 by default: on a public Space that is gigabytes (see docs/reliability.md)."""
+    stop_grace: float = 25.0
+    """Seconds the app waits, on SIGTERM, for running runs to save a checkpoint and exit
+    (`LORA_STUDIO_STOP_GRACE`); keep it under the platform's kill timeout."""
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AppSettings":
@@ -52,6 +55,7 @@ class AppSettings:
             port=int(env.get("GRADIO_SERVER_PORT") or 7860),
             local_models=_local_models(env),
             max_sessions=int(env.get("LORA_STUDIO_MAX_SESSIONS") or 200),
+            stop_grace=float(env.get("LORA_STUDIO_STOP_GRACE") or 25.0),
         )
 
 
