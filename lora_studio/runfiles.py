@@ -6,13 +6,15 @@ UI's polling import only this).
     RUN/metrics.jsonl   one JSON object per optimizer step (eval_loss on evaluation steps)
     RUN/control.json    written by `stop`: {"action": "stop" | "abort"}; the loop reads it each step
     RUN/train.log       the worker's stdout and stderr (runner-started runs)
-    RUN/checkpoints/    the last good resumable checkpoint (see checkpoint.py)
+    RUN/checkpoints/    the two latest good resumable checkpoints (see checkpoint.py)
+    RUN/.reserve        64 KiB set aside so a full disk can still record the run's failure
     RUN/adapter/        the PEFT-format adapter, written when the run ends or is stopped
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -31,6 +33,9 @@ METRICS = "metrics.jsonl"
 CONTROL = "control.json"
 LOG = "train.log"
 CHECKPOINTS = "checkpoints"
+RESERVE = ".reserve"
+RESERVE_BYTES = 64 * 1024  # given up when the disk is full, so the run's final status still fits
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 QUEUED = "queued"
@@ -103,7 +108,29 @@ def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:
             fields[key] = redact(fields[key])
     status = read_json(path)
     status.update(fields, state=state, updated_at=time.time())
-    write_json_atomic(path, status)
+    try:
+        write_json_atomic(path, status)
+    except OSError as e:
+        reserve = Path(run_dir) / RESERVE
+        if e.errno not in DISK_FULL or not reserve.exists():
+            raise
+        reserve.unlink()  # the run's own reserve: its status fits in what that frees
+        write_json_atomic(path, status)
+
+
+def make_reserve(run_dir: str | Path) -> None:
+    """Set RUN/.reserve aside (see RESERVE_BYTES); quietly skipped when there is no room for it."""
+    reserve = Path(run_dir) / RESERVE
+    if reserve.exists():
+        return
+    try:
+        with open(reserve, "wb") as fh:
+            fh.write(b"\0" * RESERVE_BYTES)  # written, not sparse: the blocks are really taken
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            reserve.unlink()
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:

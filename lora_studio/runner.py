@@ -61,6 +61,7 @@ SUPERVISOR = "supervisor.json"
 HEARTBEAT = "heartbeat"
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
+MIN_FREE_TO_START = 1 << 20  # bytes: below this the disk is full and queued runs wait
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +111,14 @@ def write_interrupted(run_dir: Path, message: str, **fields: Any) -> None:
                     checkpoint_step=step, finished_at=time.time(), **fields)
 
 
+def disk_free(folder: Path) -> int:
+    """Bytes free under `folder` (0 when it cannot be read)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
 def resume_hint(step: int | None) -> str:
     """What a resume of an interrupted run whose last checkpoint is `step` will do."""
     if step:
@@ -145,6 +154,7 @@ class Runner:
         run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{uuid.uuid4().hex[:6]}"
         run_dir = self.run_dir(run_id)
         run_dir.mkdir(parents=True, exist_ok=False)
+        rf.make_reserve(run_dir)
         cfg.out = str(run_dir.resolve())
         for name in ("data", "model", "val_data"):
             value = getattr(cfg, name, None)
@@ -269,9 +279,14 @@ class Runner:
             runs = [self._observed(d, locked=True) for d in self._run_dirs()]
             active = sum(1 for r in runs if r.get("state") in rf.ACTIVE_STATES)
             for status in sorted((r for r in runs if r.get("state") == rf.QUEUED), key=_queued_key):
-                if active >= self.max_active:
-                    break
-                self._launch(self.run_dir(status["run_id"]), resume=bool(status.get("resume")))
+                if active >= self.max_active or disk_free(self.runs_dir) < MIN_FREE_TO_START:
+                    break  # a full disk: queued runs wait for space rather than fail at once
+                try:
+                    self._launch(self.run_dir(status["run_id"]), resume=bool(status.get("resume")))
+                except OSError as e:
+                    if e.errno in rf.DISK_FULL:
+                        break
+                    raise
                 started.append(status["run_id"])
                 active += 1
         return started
@@ -351,10 +366,12 @@ class Runner:
     def _mark_dead(self, run_dir: Path) -> dict[str, Any]:
         status = rf.read_status(run_dir)  # re-read under the lock: the worker may have just finished
         if status.get("state") in rf.ACTIVE_STATES and not self._alive(run_dir, status):
-            write_interrupted(
-                run_dir, "the training process ended without a final status (killed, crashed, or the machine restarted)."
-            )
-            status = rf.read_status(run_dir)
+            message = "the training process ended without a final status (killed, crashed, or the machine restarted)."
+            try:
+                write_interrupted(run_dir, message)
+                status = rf.read_status(run_dir)
+            except OSError as e:  # a full disk: report the truth without recording it
+                status.update(state=rf.FAILED, error=f"{message} It could not be recorded: {e.strerror or e}.")
         status["run_id"] = run_dir.name
         return status
 
@@ -430,7 +447,7 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
     """Run the worker of `run_dir` to its end, record how it ended, then start what is queued."""
     cmd = [sys.executable, "-m", "lora_studio", "train", "--gpus", gpus]
     cmd += ["--resume", str(run_dir)] if resume else ["--config", str(run_dir / "config.json")]
-    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {'resuming' if resume else 'starting'}: {' '.join(cmd)}", flush=True)
+    _say(f"{'resuming' if resume else 'starting'}: {' '.join(cmd)}")
     env = {**worker_env(), "LORA_STUDIO_SUPERVISED": "1"}
     # The worker's output reaches train.log (our stdout) through `redact`: a library's error
     # that quotes a token (a URL, a header) must not be written to disk or shown in the UI.
@@ -465,13 +482,22 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
         except subprocess.TimeoutExpired:
             continue
     copier.join(timeout=5)
-    if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
-        message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
-        write_interrupted(run_dir, f"{message}.", exit_code=code, log_tail=_log_tail(run_dir))
-    print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] worker exited with code {code}", flush=True)
+    # A full disk must not stop the supervisor before it starts the next run: an app's poll
+    # (and the reserve of each run) covers what cannot be written now.
+    with contextlib.suppress(OSError):
+        if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
+            message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
+            write_interrupted(run_dir, f"{message}.", exit_code=code, log_tail=_log_tail(run_dir))
+    _say(f"worker exited with code {code}")
     if not terminating:  # on SIGTERM the machine is going down: the queue waits for the next start
         Runner(run_dir.parent, max_active=max_active, gpus=gpus).poll()  # the next queued run, if any
     return 0
+
+
+def _say(text: str) -> None:
+    """One line of the supervisor's own in train.log (dropped when the disk is full)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {text}", flush=True)
 
 
 def _copy_redacted(source: Any, sink: Any, chunk: int = 1 << 16) -> None:

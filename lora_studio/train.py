@@ -73,6 +73,7 @@ from lora_studio.models import base_model_id, load_model, load_tokenizer
 from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
     METRICS,
     hostname,
+    make_reserve,
     read_control,
     read_metrics,
     read_status,
@@ -343,6 +344,7 @@ def train(
         env = init_distributed()
         cfg = cfg.resolved()
         if env.main:
+            make_reserve(run_dir)  # before anything fills the disk (again, on a resume)
             cfg.save(run_dir / "config.json")
             write_status(
                 run_dir, "running", pid=os.getpid(), pid_started=_process_started(), host=hostname(),
@@ -395,11 +397,14 @@ def human_error(e: BaseException) -> str:
     text = redact(str(e) or e.__class__.__name__)
     if isinstance(e, torch.OutOfMemoryError) or "out of memory" in text.lower():
         return OOM_ADVICE
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        what = "is read-only" if e.errno == errno.EROFS else "is full"
-        where = f" writing {Path(e.filename).name}" if e.filename else ""
+    # safetensors reports a full disk as its own error, with the OS's words in the message
+    full = "no space left on device" in text.lower() or "disk quota exceeded" in text.lower()
+    if full or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
+        where = f" writing {Path(e.filename).name}" if getattr(e, "filename", None) else ""
+        if getattr(e, "errno", None) == errno.EROFS:
+            return f"read-only disk{where} ({text}). Fix the folder's permissions, then resume: the last good checkpoint is kept"
         return (
-            f"the disk {what}{where} ({text}). Free space or fix the folder's permissions, then resume: "
+            f"disk full{where} ({text}). Free space (delete old runs or exports), then resume: "
             "the last good checkpoint is kept"
         )
     return text

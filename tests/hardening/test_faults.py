@@ -18,8 +18,8 @@ from lora_studio.runfiles import read_metrics, read_status
 from lora_studio.train import train
 
 FAULTS = {
-    "disk_full": (errno.ENOSPC, "disk is full"),
-    "read_only": (errno.EROFS, "disk is read-only"),
+    "disk_full": (errno.ENOSPC, "disk full"),
+    "read_only": (errno.EROFS, "read-only disk"),
 }
 
 
