@@ -8,6 +8,8 @@ UI's polling import only this).
     RUN/train.log       the worker's stdout and stderr (runner-started runs)
     RUN/checkpoints/    the last good resumable checkpoint (see checkpoint.py)
     RUN/adapter/        the PEFT-format adapter, written when the run ends or is stopped
+    RUN/owner.json      {"owner", "max_wall_s"}: who started the run and its caps, written once by
+                        the runner at start (the app's ownership checks read it; nothing else writes it)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ METRICS = "metrics.jsonl"
 CONTROL = "control.json"
 LOG = "train.log"
 CHECKPOINTS = "checkpoints"
+OWNER = "owner.json"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 QUEUED = "queued"
@@ -108,6 +111,12 @@ def write_status(run_dir: str | Path, state: str, **fields: Any) -> None:
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(run_dir) / STATUS)
+
+
+def read_owner(run_dir: str | Path) -> str | None:
+    """Who started the run (None: a run from before owners were recorded, or made outside the runner)."""
+    owner = read_json(Path(run_dir) / OWNER).get("owner")
+    return owner if isinstance(owner, str) and owner else None
 
 
 def read_metrics(run_dir: str | Path, since: int = 0) -> list[dict[str, Any]]:
