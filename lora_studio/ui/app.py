@@ -63,7 +63,11 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
             elem_id="model",
             render=False,
         )
-        max_len = gr.Slider(32, 4096, value=512, step=32, label="Max length (tokens)", elem_id="max-len", render=False)
+        cap = settings.limits.seq_len  # the slider ends at this server's cap (public mode)
+        max_len = gr.Slider(
+            32, cap or 4096, value=min(512, cap or 512), step=32, elem_id="max-len", render=False,
+            label=f"Max length (tokens; at most {cap} on this server)" if cap else "Max length (tokens)",
+        )
         with gr.Tabs(elem_id="tabs"):
             selection = build_data_tab(studio, model, max_len)
             view = build_train_tab(studio, demo, selection, model, max_len)

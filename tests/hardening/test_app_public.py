@@ -277,7 +277,7 @@ def test_the_limits_hold_with_clear_messages(app, world, tiny_llama_dir, tmp_pat
     inspect(c, EXAMPLE, tiny_llama_dir)
     for over, words in [
         ({"epochs": 51}, "over this server's limit of 50 per run (LORA_STUDIO_MAX_EPOCHS)"),
-        ({"max_seq_len": 512}, "over this server's limit of 256 (LORA_STUDIO_MAX_SEQ_LEN)"),
+        ({"max_seq_len": 512}, "Value 512 is greater than maximum value 256"),  # the slider ends at the cap
         ({"max_steps": 5001}, "over this server's limit of 5000 per run (LORA_STUDIO_MAX_STEPS)"),
     ]:
         ok, text = call(c, *settings(tiny_llama_dir, **over), api_name="/start")
@@ -296,6 +296,67 @@ def test_the_limits_hold_with_clear_messages(app, world, tiny_llama_dir, tmp_pat
     prompts.write_text("one\ntwo\n")
     ok, text = call(a, done, handle_file(str(prompts)), "upload", *GREEDY, api_name="/batch")
     assert ok and "one" in text
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.browser
+def test_two_browsers_each_see_only_their_own_run_and_keep_it_across_a_reload(app, world):
+    """Browser A queues a run (behind client A's, which holds the device) through the page; a
+    reload finds it again (the signed id in localStorage). Browser B, a fresh page meanwhile,
+    attaches to nothing and lists nothing of A's (neither browser's nor client's)."""
+    if not CHROMIUM.exists():
+        pytest.skip("no Chromium at /usr/bin/chromium: run scripts/setup.sh --dev")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
+    live, done = world["live"], world["done"]
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page_a = browser.new_context().new_page()
+            page_a.set_default_timeout(60_000)
+            page_a.goto(app.url)
+            page_a.set_input_files("#data-file input[type=file]", str(EXAMPLE))
+            page_a.wait_for_selector("#data-summary :text('ready to train')")
+            page_a.locator('button[role="tab"][data-tab-id="train"]:visible').first.click()
+            page_a.wait_for_selector("#preflight :text('trainable parameters')")
+            page_a.locator("#train-start").click()
+            page_a.wait_for_function("() => /\\S+: queued/.test(document.querySelector('#run-status').innerText)")
+            status = page_a.locator("#run-status").inner_text()
+            mine = re.match(r"(\S+): queued", status).group(1)
+            assert "(position 1)" in status and mine not in (live, done)
+            owner_a = json.loads((app.runs_dir / mine / "owner.json").read_text())["owner"]
+            assert owner_a != json.loads((app.runs_dir / live / "owner.json").read_text())["owner"]
+
+            page_a.reload()  # the same visitor: the page reattaches to its own queued run
+            page_a.locator('button[role="tab"][data-tab-id="train"]:visible').first.click()
+            page_a.wait_for_selector(f"#run-status :text('{mine}: queued')")
+
+            page_b = browser.new_context().new_page()  # another visitor, fresh
+            page_b.set_default_timeout(60_000)
+            page_b.goto(app.url)
+            page_b.locator('button[role="tab"][data-tab-id="train"]:visible').first.click()
+            page_b.wait_for_selector("#run-status :text('No run yet')")
+            page_b.wait_for_timeout(3000)  # a few timer ticks: still nothing of A's
+            assert "No run yet" in page_b.locator("#run-status").inner_text()
+            page_b.locator('button[role="tab"][data-tab-id="runs"]:visible').first.click()
+            page_b.locator("#runs-refresh").click()
+            page_b.wait_for_timeout(1000)
+            shown = page_b.locator("#runs-table").inner_text()
+            assert "final loss" in shown  # the table is drawn, with none of A's runs in it
+            assert not [r for r in (mine, live, done, "legacy") if r in shown]
+            page_b.locator("#runs-one input").first.click()  # nor in the run picker
+            assert not [r for r in (mine, live, done, "legacy") if page_b.get_by_role("option", name=re.compile(re.escape(r))).count()]
+
+            page_a.locator('button[role="tab"][data-tab-id="runs"]:visible').first.click()
+            page_a.wait_for_function(f"() => document.querySelector('#runs-table').innerText.includes('{mine}')")
+            assert live not in page_a.locator("#runs-table").inner_text()  # client A is another visitor
+            page_a.locator('button[role="tab"][data-tab-id="train"]:visible').first.click()
+            page_a.locator("#train-abort").click()
+            page_a.wait_for_selector(f"#run-status :text('{mine}: aborted')")
+        finally:
+            browser.close()
+    assert status_of(app, live)["state"] == "running"
 
 
 def test_the_planted_token_appears_in_no_response_file_or_log(app, world, root):
