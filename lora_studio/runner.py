@@ -454,13 +454,15 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
             if max_wall_s and not capped and time.monotonic() - began > max_wall_s:
                 # The server's time cap: the same stop a visitor asks for (a checkpoint, the adapter).
                 capped = True
+                rf.write_status(run_dir, rf.read_status(run_dir).get("state") or rf.RUNNING, capped="wall_s")
                 rf.request_stop(run_dir, save=True)
                 print(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] wall-time cap of {max_wall_s:g} s reached: stopping", flush=True)
             continue
     if capped and rf.read_status(run_dir).get("state") == rf.STOPPED:
-        st = rf.read_status(run_dir)
+        found = rf.checkpoint_folders(run_dir)
+        saved = f"a checkpoint of step {found[-1][0]} was saved" if found else "no step had been trained yet"
         rf.write_status(run_dir, rf.STOPPED, message=f"stopped by this server's time limit of {max_wall_s:g} s per run "
-                        f"(LORA_STUDIO_MAX_WALL_S); a checkpoint of step {st.get('step', 0)} was saved", capped="wall_s")
+                        f"(LORA_STUDIO_MAX_WALL_S); {saved}", capped="wall_s")
     if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
         message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
         write_interrupted(run_dir, f"{message}.", exit_code=code, log_tail=_log_tail(run_dir))
