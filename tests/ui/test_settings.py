@@ -100,3 +100,11 @@ def test_one_size_limit_sets_both_upload_checks():
     both = {"LORA_STUDIO_MAX_UPLOAD_MB": "50", "LORA_STUDIO_MAX_UPLOAD": "10mb"}
     assert AppSettings.from_env(both).max_upload == "10mb"
     assert AppSettings.from_env({"LORA_STUDIO_MAX_UPLOAD_MB": "junk"}).max_upload == "200mb"
+
+
+def test_the_space_front_matter_asks_for_oauth_and_the_image_runs_public_mode():
+    root = Path(__file__).resolve().parents[2]
+    front = (root / "README.md").read_text().split("---")[1]
+    assert "\nhf_oauth: true\n" in front and "- write-repos" in front  # "Sign in with Hugging Face", pushes
+    docker = (root / "Dockerfile").read_text()
+    assert "LORA_STUDIO_MODE=public" in docker and "GRADIO_SERVER_NAME=0.0.0.0" in docker
