@@ -190,10 +190,12 @@ def zip_adapter(run_dir: str | Path, dest_dir: str | Path | None = None) -> Path
     return out
 
 
-def save_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def save_merged(run_dir: str | Path, out_dir: str | Path | None = None, allow_remote_code: bool = True) -> Path:
     """Fold the adapter into a full-precision copy of the base and save it (default RUN/merged).
 
     A 4-bit (QLoRA) run is merged into the base loaded in full precision, as usual for QLoRA.
+    `allow_remote_code=False` (the web app unless its operator allowed it): a run whose base
+    needs its repo's own code is refused rather than run.
     """
     from lora_studio.adapters import load_adapter
     from lora_studio.models import load_model, load_tokenizer
@@ -204,6 +206,8 @@ def save_merged(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     record = read_adapter_record(src)
     spec = record.get("base_model") or record["settings"].get("model", "bundled")
     trust = bool(record["settings"].get("trust_remote_code", False))
+    if trust and not allow_remote_code:
+        raise ValueError(f"run {run_dir.name} was trained with trust_remote_code, which this server does not allow")
     out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(spec, trust)
     if record.get("chat_template"):
@@ -238,11 +242,16 @@ def push_to_hub(
     kind: str = "adapter",
     private: bool = True,
     api: Any = None,
+    use_env_token: bool = True,
+    own_namespace: bool = False,
 ) -> str:
     """Create (or reuse) `repo_id` and upload the adapter or the merged model with its card.
 
-    `token`: the one typed by the user, else `HF_TOKEN` from the environment (read here, so it
-    never passes through the UI). Returns the repo URL.
+    `token`: the one typed by the user, else (with `use_env_token`, the operator's own use) `HF_TOKEN`
+    from the environment, read here so it never passes through the UI. A public app passes
+    `use_env_token=False`: a visitor's push carries the visitor's token or nothing. With
+    `own_namespace`, the repo must belong to the token's account (or one of its organizations),
+    asked of the Hub before anything is created. Returns the repo URL.
     """
     import os
 
@@ -251,14 +260,27 @@ def push_to_hub(
     repo_id = (repo_id or "").strip()
     if not repo_id or repo_id.count("/") != 1 or any(c.isspace() for c in repo_id):
         raise ValueError(f"give the Hub repo as user/name (got {repo_id!r})")
-    token = (token or "").strip() or os.environ.get("HF_TOKEN") or None
+    token = (token or "").strip() or (os.environ.get("HF_TOKEN") if use_env_token else None) or None
     if not token:
+        if not use_env_token:
+            raise ValueError("no Hub token: sign in with Hugging Face, or type a token of yours with write access")
         raise ValueError("no Hub token: type one (write access) or set HF_TOKEN")
     run_dir = Path(run_dir)
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi()
+    if own_namespace:
+        try:
+            who = api.whoami(token=token)
+        except Exception as e:  # noqa: BLE001 - a bad token, or no Hub: one clean message
+            raise HubError(_scrub(f"the Hub did not accept this token: {e}", token)) from None
+        names = {who.get("name"), *(org.get("name") for org in who.get("orgs") or [])} - {None}
+        if repo_id.split("/")[0] not in names:
+            raise ValueError(
+                f"{repo_id}: this token can push to {', '.join(sorted(names)) or 'no account'} only; "
+                "name a repo of yours (your-name/repo)"
+            )
     staging = Path(tempfile.mkdtemp(prefix="lora-studio-push-"))
     try:
         if kind == "adapter":

@@ -70,6 +70,23 @@ def bundled_dir() -> Path:
     return target
 
 
+def public_mode() -> bool:
+    """True in a public deployment (LORA_STUDIO_MODE=public, set by the app for itself and its
+    training processes): visitors' loads never carry the server's token, never run remote code."""
+    return os.environ.get("LORA_STUDIO_MODE", "").strip().lower() == "public"
+
+
+def hub_token() -> bool | None:
+    """`token=` for a Hub load: False (send no token at all) in public mode, else None (the
+    operator's own login, as huggingface_hub finds it)."""
+    return False if public_mode() else None
+
+
+def check_remote_code(trust_remote_code: bool) -> None:
+    if trust_remote_code and public_mode():
+        raise ValueError("trust_remote_code is refused on a public server: a model repo's own code never runs here")
+
+
 def resolve_model_path(spec: str) -> str:
     """`bundled` -> its cache folder; a folder -> itself; anything else is a Hub id."""
     if spec == BUNDLED:
@@ -104,8 +121,11 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     check_model_spec(spec)  # a folder without weights: say so, not what the tokenizer trips on
+    check_remote_code(trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            resolve_model_path(spec), trust_remote_code=trust_remote_code, token=hub_token()
+        )
     except (OSError, ValueError) as e:  # ValueError: a folder with no tokenizer files
         raise ValueError(f"could not load the tokenizer of {spec!r}: {_hub_hint(spec, e)}") from e
     prepare_tokenizer(tok)
@@ -132,6 +152,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     check_model_spec(spec)
+    check_remote_code(trust_remote_code)
     kwargs = {}
     if quantize == "4bit":
         from lora_studio.methods.qlora import quantization_config
@@ -139,7 +160,7 @@ def load_model(
         kwargs["quantization_config"] = quantization_config(dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+            resolve_model_path(spec), dtype=dtype, trust_remote_code=trust_remote_code, token=hub_token(), **kwargs
         )
     except OSError as e:
         raise ValueError(f"could not load model {spec!r}: {_hub_hint(spec, e)}") from e

@@ -9,6 +9,8 @@ UI's polling import only this).
     RUN/checkpoints/    the two latest good resumable checkpoints (see checkpoint.py)
     RUN/.reserve        64 KiB set aside so a full disk can still record the run's failure
     RUN/adapter/        the PEFT-format adapter, written when the run ends or is stopped
+    RUN/owner.json      {"owner", "max_wall_s"}: who started the run and its caps, written once by
+                        the runner at start (the app's ownership checks read it; nothing else writes it)
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 RESERVE = ".reserve"
 RESERVE_BYTES = 64 * 1024  # given up when the disk is full, so the run's final status still fits
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+OWNER = "owner.json"
 _CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 
 QUEUED = "queued"
@@ -135,6 +138,12 @@ def make_reserve(run_dir: str | Path) -> None:
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
     return read_json(Path(run_dir) / STATUS)
+
+
+def read_owner(run_dir: str | Path) -> str | None:
+    """Who started the run (None: a run from before owners were recorded, or made outside the runner)."""
+    owner = read_json(Path(run_dir) / OWNER).get("owner")
+    return owner if isinstance(owner, str) and owner else None
 
 
 def read_metrics(run_dir: str | Path, since: int = 0) -> list[dict[str, Any]]:

@@ -147,8 +147,13 @@ class Runner:
 
     # ------------------------------------------------ public API
 
-    def start(self, config: TrainConfig | dict[str, Any], run_id: str | None = None) -> str:
-        """Create a run folder for `config` and queue it; it starts now if the device is free."""
+    def start(
+        self, config: TrainConfig | dict[str, Any], run_id: str | None = None, owner: str | None = None,
+        max_wall_s: float | None = None,
+    ) -> str:
+        """Create a run folder for `config` and queue it; it starts now if the device is free.
+        `owner` (who started it) and `max_wall_s` (seconds of training before the supervisor stops
+        it, with a checkpoint) go to RUN/owner.json, written before the run can be seen."""
         cfg = TrainConfig.from_dict(config) if isinstance(config, dict) else config
         cfg = cfg.resolved()  # invalid settings fail here, before any folder exists
         run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{uuid.uuid4().hex[:6]}"
@@ -161,6 +166,8 @@ class Runner:
             if isinstance(value, str) and value and Path(value).exists():
                 setattr(cfg, name, str(Path(value).resolve()))  # the worker may run elsewhere
         cfg.save(run_dir / "config.json")
+        if owner is not None or max_wall_s:
+            rf.write_json_atomic(run_dir / rf.OWNER, {"owner": owner, "max_wall_s": max_wall_s or None})
         rf.write_status(
             run_dir, rf.QUEUED, run_id=run_id, method=cfg.method, model=cfg.model,
             queued_at=time.time(), resume=False, step=0, error=None,
@@ -431,9 +438,29 @@ def _create_time(pid: int) -> float | None:
     return None
 
 
+# What a worker keeps of the app's environment in public mode (LORA_STUDIO_MODE=public): where
+# things are, how to use the hardware, how to reach the Hub; never a secret (HF_TOKEN, cloud keys,
+# OAUTH_CLIENT_SECRET, ...), whatever the Space's settings hold.
+ENV_KEEP = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "PYTHONPATH",
+    "PYTHONHASHSEED", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE",
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HF_HUB_DISABLE_TELEMETRY",
+    "HF_HUB_ENABLE_HF_TRANSFER", "XDG_CACHE_HOME", "TORCH_HOME", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "NCCL_DEBUG",
+    "LORA_STUDIO_MODE", "LORA_STUDIO_CACHE", "LORA_STUDIO_RUNS_DIR", "LORA_STUDIO_MAX_UPLOAD_MB", "LORA_STUDIO_MAX_HUB_ROWS",
+    "LORA_STUDIO_MAX_HUB_MB", "SPACE_ID", "SYSTEM",
+})  # fmt: skip
+ENV_KEEP_PREFIXES = ("LC_", "NVIDIA_", "CUDA_")
+
+
 def worker_env() -> dict[str, str]:
-    """The environment of a worker: ours, plus the package on the path and unbuffered output."""
+    """The environment of a worker: ours (in public mode only the ENV_KEEP allow-list of it),
+    plus the package on the path and unbuffered output."""
     env = dict(os.environ)
+    if env.get("LORA_STUDIO_MODE") == "public":
+        env = {k: v for k, v in env.items() if k in ENV_KEEP or k.startswith(ENV_KEEP_PREFIXES)}
+        # Nor the token a `huggingface-cli login` left in HF_HOME: not sent unless passed, not read.
+        env.update(HF_HUB_DISABLE_IMPLICIT_TOKEN="1", HF_TOKEN_PATH=os.devnull, HF_STORED_TOKENS_PATH=os.devnull)
     paths = [str(_PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
@@ -474,17 +501,30 @@ def supervise(run_dir: Path, resume: bool, gpus: str, max_active: int) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    max_wall_s = rf.read_json(run_dir / rf.OWNER).get("max_wall_s")
+    began, capped = time.monotonic(), False
     while True:
         (run_dir / HEARTBEAT).touch()
         try:
-            code = proc.wait(timeout=HEARTBEAT_S)
+            code = proc.wait(timeout=HEARTBEAT_S if not max_wall_s else min(HEARTBEAT_S, max(0.5, max_wall_s / 4)))
             break
         except subprocess.TimeoutExpired:
+            if max_wall_s and not capped and time.monotonic() - began > max_wall_s:
+                # The server's time cap: the same stop a visitor asks for (a checkpoint, the adapter).
+                capped = True
+                rf.write_status(run_dir, rf.read_status(run_dir).get("state") or rf.RUNNING, capped="wall_s")
+                rf.request_stop(run_dir, save=True)
+                _say(f"wall-time cap of {max_wall_s:g} s reached: stopping")
             continue
     copier.join(timeout=5)
     # A full disk must not stop the supervisor before it starts the next run: an app's poll
     # (and the reserve of each run) covers what cannot be written now.
     with contextlib.suppress(OSError):
+        if capped and rf.read_status(run_dir).get("state") == rf.STOPPED:
+            found = rf.checkpoint_folders(run_dir)
+            saved = f"a checkpoint of step {found[-1][0]} was saved" if found else "no step had been trained yet"
+            rf.write_status(run_dir, rf.STOPPED, message=f"stopped by this server's time limit of {max_wall_s:g} s per run "
+                            f"(LORA_STUDIO_MAX_WALL_S); {saved}", capped="wall_s")
         if rf.read_status(run_dir).get("state") not in rf.FINAL_STATES:
             message = describe_exit(code) if code != 0 else "the training process ended without a final status; see train.log"
             write_interrupted(run_dir, f"{message}.", exit_code=code, log_tail=_log_tail(run_dir))

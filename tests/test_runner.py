@@ -220,3 +220,45 @@ def test_stop_pressed_while_the_worker_starts_is_honoured(tiny_llama_dir, train_
     status = runner.wait(run_id, timeout=120)
     assert status["state"] == "stopped" and status["step"] == 0
     assert not (runs / run_id / "adapter").exists()  # nothing trained, nothing to save
+
+
+def test_the_wall_time_cap_stops_a_run_with_a_checkpoint_and_says_why(tiny_llama_dir, train_file, runs):
+    """A run given `max_wall_s` (public mode's LORA_STUDIO_MAX_WALL_S) is stopped by its supervisor
+    once that much time has passed: the same stop a visitor asks for (a checkpoint of the step
+    reached, the adapter), and its status names the cap."""
+    runner = Runner(runs)
+    run_id = runner.start(config(tiny_llama_dir, train_file, epochs=10_000, lr=1e-3), owner="anon-x", max_wall_s=15)
+    assert rf.read_owner(runs / run_id) == "anon-x"
+    runner.wait(run_id, timeout=180)
+    # The reason is written by the supervisor as the worker exits (and marked when it asked the stop).
+    status = wait_for(lambda: (s := rf.read_status(runs / run_id)).get("message") and s, timeout=30, what="the cap message")
+    assert status["state"] == "stopped", status
+    assert status.get("capped") == "wall_s" and "time limit of 15 s per run (LORA_STUDIO_MAX_WALL_S)" in status["message"]
+    assert f"checkpoint of step {status['step']}" in status["message"] and status["step"] >= 1
+    assert rf.checkpoint_folders(runs / run_id)[-1][0] == status["step"]
+    assert (runs / run_id / "adapter" / "adapter_config.json").exists()
+
+
+def test_a_run_without_owner_or_cap_has_no_owner_file(runs, train_file):
+    runner = Runner(runs, max_active=0)
+    run_id = runner.start({"data": str(train_file), "model": "bundled"})
+    assert not (runs / run_id / rf.OWNER).exists() and rf.read_owner(runs / run_id) is None
+
+
+def test_public_mode_workers_get_an_allow_listed_environment(monkeypatch):
+    from lora_studio.runner import worker_env
+
+    planted = {"HF_TOKEN": "hf_planted0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_planted0123456789",
+               "AWS_SECRET_ACCESS_KEY": "k", "OAUTH_CLIENT_SECRET": "s", "LORA_STUDIO_SECRET": "s",
+               "HF_HOME": "/data/hf", "LC_ALL": "C.UTF-8", "CUDA_VISIBLE_DEVICES": "0"}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LORA_STUDIO_MODE", "local")
+    local = worker_env()
+    assert local["HF_TOKEN"] == planted["HF_TOKEN"]  # local mode: the operator's own token still works
+    monkeypatch.setenv("LORA_STUDIO_MODE", "public")
+    env = worker_env()
+    assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "OAUTH_CLIENT_SECRET", "LORA_STUDIO_SECRET"} & set(env)
+    assert (env["HF_HOME"], env["LC_ALL"], env["CUDA_VISIBLE_DEVICES"]) == ("/data/hf", "C.UTF-8", "0")
+    assert env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] == "1" and env["HF_TOKEN_PATH"] == os.devnull
+    assert env["LORA_STUDIO_MODE"] == "public" and env["PATH"] and env["PYTHONUNBUFFERED"] == "1"

@@ -325,18 +325,73 @@ def _read_parquet(path: Path, shown: str) -> RawData:
     return RawData(shown, "parquet", rows, list(range(1, len(rows) + 1)))
 
 
+HUB_ROWS_ENV, HUB_MB_ENV = "LORA_STUDIO_MAX_HUB_ROWS", "LORA_STUDIO_MAX_HUB_MB"
+DEFAULT_HUB_ROWS, DEFAULT_HUB_MB = 100_000, 200.0
+_SLICE = re.compile(r"^([\w.-]+)\[:(\d+)\]$")
+
+
+def hub_caps() -> tuple[int, float] | None:
+    """(rows, MB) read at most from a Hub dataset: in public mode (LORA_STUDIO_MODE=public) only,
+    from LORA_STUDIO_MAX_HUB_ROWS / LORA_STUDIO_MAX_HUB_MB (0: no cap); None elsewhere."""
+    if os.environ.get("LORA_STUDIO_MODE", "").strip().lower() != "public":
+        return None
+
+    def number(name: str, default: float) -> float:
+        try:
+            return float(os.environ.get(name) or default)
+        except ValueError:
+            return default
+
+    return int(number(HUB_ROWS_ENV, DEFAULT_HUB_ROWS)), number(HUB_MB_ENV, DEFAULT_HUB_MB)
+
+
 def read_hub(name: str, config: str | None = None, split: str = "train", shown: str | None = None) -> RawData:
-    """A Hub dataset through `datasets.load_dataset(name, config, split=split)`."""
+    """A Hub dataset through `datasets.load_dataset(name, config, split=split)`. In public mode
+    it is streamed, with no token, and refused past the row and byte caps (`hub_caps`), before
+    it can fill the server's disk or memory."""
     import datasets
 
     label = shown or (f"{name}:{config}@{split}" if config else f"{name}@{split}")
+    caps = hub_caps()
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        if caps is None:
+            ds = datasets.load_dataset(name, config, split=split)
+        else:
+            return _read_hub_capped(name, config, split, label, caps)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "cannot load"
         hint = " (offline: HF_HUB_OFFLINE is set or the Hub cannot be reached; download it first or use a local file)"
         offline = "offline" in str(e).lower() or isinstance(e, ConnectionError)
         raise fatal(label, "unreadable", f"cannot load the Hub dataset: {e}{hint if offline else ''}") from None
     rows = ds.to_list()
+    return RawData(label, "hub", rows, list(range(1, len(rows) + 1)))
+
+
+def _read_hub_capped(name: str, config: str | None, split: str, label: str, caps: tuple[int, float]) -> RawData:
+    import datasets
+
+    max_rows, max_mb = caps
+    take = None
+    m = _SLICE.match(split)
+    if m:  # a streamed split takes no slice syntax: `train[:N]` is the first N rows
+        split, take = m.group(1), int(m.group(2))
+    elif "[" in split:
+        raise fatal(label, "unreadable", f"split {split!r}: this server takes a split name or split[:N] (the first N rows)")
+    ds = datasets.load_dataset(name, config, split=split, streaming=True, token=False)
+    rows: list[Any] = []
+    size = 0
+    for row in ds:
+        if take is not None and len(rows) >= take:
+            break
+        rows.append(row)
+        size += len(json.dumps(row, default=str))
+        if max_rows and len(rows) > max_rows:
+            raise fatal(label, "unreadable", f"the Hub dataset has more than {max_rows:,} rows, this server's limit "
+                        f"({HUB_ROWS_ENV}): take the first rows with @{split}[:{max_rows}]")
+        if max_mb and size > max_mb * 2**20:
+            raise fatal(label, "unreadable", f"the Hub dataset is over {max_mb:g} MB, this server's limit ({HUB_MB_ENV}): "
+                        f"take fewer rows with @{split}[:N]")
     return RawData(label, "hub", rows, list(range(1, len(rows) + 1)))
 
 

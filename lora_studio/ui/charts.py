@@ -149,8 +149,9 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
             f"**Compare**, download or push it in **Export**.{where}"
         )
     if state == "stopped":
+        why = f" {str(status['message'])[0].upper()}{str(status['message'])[1:]}." if status.get("capped") and status.get("message") else ""
         return (
-            f"**{run_id}: stopped** at step {step}{of_total}{loss}. The adapter of that step is saved; resume the run "
+            f"**{run_id}: stopped** at step {step}{of_total}{loss}.{why} The adapter of that step is saved; resume the run "
             f"from the **Runs** tab.{where}"
         )
     if state == "aborted":

@@ -9,6 +9,7 @@ import inspect
 import re
 import shutil
 import threading
+import time
 import unicodedata
 import uuid
 from collections import OrderedDict
@@ -18,11 +19,14 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from lora_studio import runfiles as rf
 from lora_studio.chat import ChatEngine
 from lora_studio.runner import Runner
+from lora_studio.ui.identity import Caller, Identities
 from lora_studio.ui.settings import LOCAL_MODELS_ENV, AppSettings
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+POLL_EVERY_S = 3.0  # the runner's poll (a read of every run) from open pages, at most this often in all
 TOKENIZERS_KEPT = 8  # preview tokenizers kept in memory (a few MB each), least recently used dropped first
 
 
@@ -33,33 +37,75 @@ class Studio:
     settings: AppSettings
     chat: ChatEngine = field(default_factory=ChatEngine)
     runner: Runner = field(init=False)
+    identities: Identities = field(init=False)
     _tokenizers: OrderedDict[str, Any] = field(default_factory=OrderedDict, init=False)
     _tok_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _polled: float = field(default=0.0, init=False)
+    _poll_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _identified: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.runner = Runner(self.settings.runs_dir)
+        self.identities = Identities(self.settings)
 
     @property
     def runs_dir(self) -> Path:
         return self.settings.runs_dir
 
-    def run_dir(self, run_id: str | None, need_adapter: bool = False) -> Path:
-        """The folder of a run picked in a dropdown, refusing ids that could leave the runs folder."""
+    def poll(self) -> None:
+        """The runner's poll (launch a queued run, mark a dead one), at most every POLL_EVERY_S
+        whatever the number of open pages: each page's tick then costs one small read, its own run's
+        status. The supervisors launch queued runs themselves; this only covers a killed one."""
+        with self._poll_lock:
+            now = time.monotonic()
+            if now - self._polled < POLL_EVERY_S:
+                return
+            self._polled = now
+        self.runner.poll()
+
+    def after_identify(self, fn: Callable, inputs: Any, outputs: Any, **kwargs: Any) -> Any:
+        """Run `fn` on page load once the visitor is known (ui/app.py sets the identify event):
+        what a page shows on load (its runs, its running run) depends on who is looking."""
+        return self._identified.then(fn, inputs, outputs, **kwargs)
+
+    def caller(self, request: gr.Request | None) -> Caller:
+        """Who is calling (see ui/identity.py); every handler that touches a run asks this first."""
+        return self.identities.caller(request)
+
+    def run_dir(self, run_id: str | None, caller: Caller, need_adapter: bool = False) -> Path:
+        """The folder of a run picked in a dropdown, refusing ids that could leave the runs folder.
+        Another visitor's run gets the very answer a run that does not exist gets."""
         if not run_id:
             raise gr.Error("Pick a run first (train one in the Train tab).")
-        if not RUN_ID.match(run_id) or ".." in run_id:
+        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or ".." in run_id:
             raise gr.Error(f"{run_id!r} is not a run id")
         path = self.runs_dir / run_id
-        if not (path / "config.json").exists() and not (path / "status.json").exists():
-            raise gr.Error(f"run {run_id} not found in {self.runs_dir}")
+        exists = (path / "config.json").exists() or (path / "status.json").exists()
+        if not exists or not self.owns(caller, run_id):
+            raise gr.Error(f"run {run_id} not found")
         if need_adapter and not (path / "adapter" / "adapter_config.json").exists():
             raise gr.Error(f"run {run_id} has no saved adapter yet (it is saved when training ends or stops)")
         return path
 
-    def runs(self, need_adapter: bool = False) -> list[tuple[str, str]]:
-        """(label, run id) of every run, newest first (as the runner sees them: a dead worker is failed)."""
+    def owns(self, caller: Caller, run_id: str) -> bool:
+        return caller.admin or caller.owns(rf.read_owner(self.runs_dir / run_id))
+
+    def check_run(self, run_id: str | None, caller: Caller) -> str:
+        """`run_id` when the caller may act on it (ValueError otherwise, worded as for a missing run)."""
+        try:
+            self.run_dir(run_id, caller)
+        except gr.Error as e:
+            raise ValueError(e.message) from None
+        return run_id  # type: ignore[return-value]
+
+    def list_runs(self, caller: Caller) -> list[dict[str, Any]]:
+        """The runner's list_runs(), only the caller's own runs (every run for an admin)."""
+        return [s for s in self.runner.list_runs() if self.owns(caller, s["run_id"])]
+
+    def runs(self, caller: Caller, need_adapter: bool = False) -> list[tuple[str, str]]:
+        """(label, run id) of the caller's runs, newest first (as the runner sees them: a dead worker is failed)."""
         choices = []
-        for status in self.runner.list_runs():
+        for status in self.list_runs(caller):
             run_id = status["run_id"]
             if need_adapter and not (self.runs_dir / run_id / "adapter" / "adapter_config.json").exists():
                 continue
@@ -215,16 +261,15 @@ def friendly(fn: Callable) -> Callable:
 
 
 def run_picker(studio: Studio, tab: gr.Tab, elem_id: str, api_name: str | None = None) -> gr.Dropdown:
-    """A dropdown of the runs that have an adapter, with a refresh button; refreshed when its
-    tab is opened too (a run that just finished shows up without a reload)."""
+    """A dropdown of the caller's runs that have an adapter, with a refresh button; refreshed when
+    its tab is opened too (a run that just finished shows up without a reload). Empty when the
+    page is built: filled on load with the visitor's own runs."""
     with gr.Row():
-        run = gr.Dropdown(
-            label="Run", choices=studio.runs(need_adapter=True), elem_id=elem_id, scale=4, allow_custom_value=True
-        )
+        run = gr.Dropdown(label="Run", choices=[], elem_id=elem_id, scale=4, allow_custom_value=True)
         refresh = gr.Button("Refresh runs", size="sm", scale=1)
 
-    def update(current: str | None) -> dict[str, Any]:
-        return dropdown_update(studio.runs(need_adapter=True), current)
+    def update(current: str | None, request: gr.Request) -> dict[str, Any]:
+        return dropdown_update(studio.runs(studio.caller(request), need_adapter=True), current)
 
     visibility = {"api_name": api_name} if api_name else {"api_visibility": "undocumented"}
     refresh.click(update, run, run, queue=False, **visibility)

@@ -1,5 +1,6 @@
 """Compare tab: base (left) and tuned (right) answer the same message, streamed; a blind A/B
-mode with a vote tally; a batch mode that answers a prompt file and offers a CSV."""
+mode with a vote tally; a batch mode that answers a prompt file and offers a CSV. Only the
+caller's own runs; prompt length, reply length and batch size within the server's limits."""
 
 from __future__ import annotations
 
@@ -16,20 +17,32 @@ import pandas as pd
 from lora_studio.chat import describe_votes, heldout_prompts, read_votes, record_vote
 from lora_studio.compare import GenerationSettings, read_prompts
 from lora_studio.ui.common import Studio, friendly, plain_messages, run_picker
+from lora_studio.ui.identity import Caller
 
 BATCH_COLUMNS = ["prompt", "base", "tuned"]
 
 
-def _settings(temperature: float, top_p: float, max_tokens: float) -> GenerationSettings:
+def _settings(studio: Studio, temperature: float, top_p: float, max_tokens: float) -> GenerationSettings:
+    cap = studio.settings.limits.new_tokens
+    if cap and int(max_tokens) > cap:
+        raise ValueError(f"max new tokens: {int(max_tokens)} is over this server's limit of {cap} (LORA_STUDIO_MAX_NEW_TOKENS)")
     return GenerationSettings(max_new_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p))
 
 
+def _check_prompt(studio: Studio, text: str, what: str = "message") -> None:
+    cap = studio.settings.limits.prompt_chars
+    if cap and len(text) > cap:
+        raise ValueError(
+            f"the {what} is {len(text):,} characters, over this server's limit of {cap:,} (LORA_STUDIO_MAX_PROMPT_CHARS)"
+        )
+
+
 @friendly
-def _run_defaults(studio: Studio, run_id: str | None) -> tuple[Any, Any, Any, str]:
+def _run_defaults(studio: Studio, run_id: str | None, caller: Caller) -> tuple[Any, Any, Any, str]:
     """Generation settings saved with the run (where it has them) and a line about the run."""
     if not run_id:
         return gr.update(), gr.update(), gr.update(), "No run picked: train one in the Train tab first."
-    run = studio.run_dir(run_id)
+    run = studio.run_dir(run_id, caller)
     from lora_studio.adapters import read_adapter_record
 
     adapter = run / "adapter"
@@ -57,7 +70,11 @@ def build_compare_tab(studio: Studio) -> None:
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-                max_tokens = gr.Slider(8, 1024, value=128, step=8, label="Max new tokens")
+                cap = studio.settings.limits.new_tokens
+                max_tokens = gr.Slider(
+                    8, cap or 1024, value=min(128, cap or 128), step=8,
+                    label=f"Max new tokens (at most {cap} on this server)" if cap else "Max new tokens",
+                )
         gen_inputs = [temperature, top_p, max_tokens]
         with gr.Tabs():
             with gr.Tab("Side by side", id="compare-chat"):
@@ -67,7 +84,10 @@ def build_compare_tab(studio: Studio) -> None:
             with gr.Tab("Batch", id="compare-batch"):
                 _batch(studio, run, gen_inputs)
 
-        run.change(lambda r: _run_defaults(studio, r), run, [*gen_inputs, run_info], api_visibility="undocumented")
+        def defaults(r, request: gr.Request):
+            return _run_defaults(studio, r, studio.caller(request))
+
+        run.change(defaults, run, [*gen_inputs, run_info], api_visibility="undocumented")
 
 
 def _side_by_side(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> None:
@@ -83,12 +103,15 @@ def _side_by_side(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider])
 
     @friendly
 
-    def chat(run_id, text, base_hist, tuned_hist, temperature, top_p, max_tokens) -> Iterator[tuple]:
+    def chat(run_id, text, base_hist, tuned_hist, temperature, top_p, max_tokens, request: gr.Request) -> Iterator[tuple]:
         if not (text or "").strip():
             raise gr.Error("Type a message first.")
-        run_dir = studio.run_dir(run_id, need_adapter=True)
-        settings = _settings(temperature, top_p, max_tokens)
+        run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
+        settings = _settings(studio, temperature, top_p, max_tokens)
+        _check_prompt(studio, text)
         histories = [list(base_hist or []), list(tuned_hist or [])]
+        # The histories come from the caller too: the whole conversation counts toward the limit.
+        _check_prompt(studio, text + "".join(m["content"] for h in histories for m in plain_messages(h)), "conversation")
         for history in histories:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield "", histories[0], histories[1]
@@ -133,11 +156,12 @@ def _blind(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
 
     @friendly
 
-    def ask_both(run_id, text, temperature, top_p, max_tokens):
+    def ask_both(run_id, text, temperature, top_p, max_tokens, request: gr.Request):
         if not (text or "").strip():
             raise gr.Error("Type a prompt first.")
-        run_dir = studio.run_dir(run_id, need_adapter=True)
-        settings = _settings(temperature, top_p, max_tokens)
+        run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
+        settings = _settings(studio, temperature, top_p, max_tokens)
+        _check_prompt(studio, text, "prompt")
         side = random.choice("AB")
         replies = {}
         for is_tuned in (False, True):
@@ -148,10 +172,10 @@ def _blind(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
 
     @friendly
 
-    def vote(run_id, side, choice):
+    def vote(run_id, side, choice, caller: Caller):
+        run_dir = studio.run_dir(run_id, caller, need_adapter=True)  # first: another's run is just "not found"
         if side is None:
             raise gr.Error("Ask a prompt first; each answer pair takes one vote.")
-        run_dir = studio.run_dir(run_id, need_adapter=True)
         winner = "tie" if choice == "tie" else ("tuned" if choice == side else "base")
         counts = record_vote(run_dir, winner)
         reveal = f"Model {side} was the **tuned** model; the other was the base."
@@ -165,17 +189,20 @@ def _blind(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
         concurrency_id="model",
         concurrency_limit=1,
     )
+    def voter(choice: str):
+        def cast(run_id, side, request: gr.Request):
+            return vote(run_id, side, choice, studio.caller(request))
+
+        return cast
+
     for button, choice in ((vote_a, "A"), (vote_b, "B"), (vote_tie, "tie")):
-        button.click(
-            lambda r, s, c=choice: vote(r, s, c), [run, tuned_side], [tuned_side, verdict, tally],
-            api_name=f"vote_{choice.lower()}",
-        )
-    run.change(
-        lambda r: describe_votes(read_votes(studio.run_dir(r))) if r else "",
-        run,
-        tally,
-        api_visibility="undocumented",
-    )
+        button.click(voter(choice), [run, tuned_side], [tuned_side, verdict, tally], api_name=f"vote_{choice.lower()}")
+
+    @friendly
+    def show_tally(run_id, request: gr.Request):
+        return describe_votes(read_votes(studio.run_dir(run_id, studio.caller(request)))) if run_id else ""
+
+    run.change(show_tally, run, tally, api_visibility="undocumented")
 
 
 def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> None:
@@ -197,8 +224,9 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
     csv = gr.File(label="CSV", elem_id="batch-csv", interactive=False, height=90)
 
     @friendly
-    def run_batch(run_id, path, which, temperature, top_p, max_tokens):
-        run_dir = studio.run_dir(run_id, need_adapter=True)
+    def run_batch(run_id, path, which, temperature, top_p, max_tokens, request: gr.Request):
+        run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
+        settings = _settings(studio, temperature, top_p, max_tokens)
         if which == "validation":
             config = json.loads((run_dir / "config.json").read_text())
             items = heldout_prompts(run_dir, studio.tokenizer(config.get("model", "bundled")))
@@ -206,8 +234,14 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
             items = [{"prompt": p} for p in read_prompts(path)]
         else:
             raise ValueError("Upload a prompts file first (or answer the run's validation rows).")
+        cap = studio.settings.limits.batch_prompts
+        if cap and len(items) > cap:
+            raise ValueError(
+                f"{len(items)} prompts is over this server's limit of {cap} per batch (LORA_STUDIO_MAX_BATCH_PROMPTS)"
+            )
+        for item in items:
+            _check_prompt(studio, item["prompt"], "prompt")
         columns = ["prompt", *(["reference"] if "reference" in items[0] else []), "base", "tuned"]
-        settings = _settings(temperature, top_p, max_tokens)
         rows: list[dict[str, str]] = []
         for item in items:
             row = dict(item)

@@ -1,4 +1,6 @@
-"""Export tab: the adapter as a zip, a merged model, a push to the Hub, and the model card."""
+"""Export tab: the adapter as a zip, a merged model, a push to the Hub, and the model card.
+Only the caller's own runs. A push uses the visitor's own token (signed in, or typed); in
+public mode never the server's HF_TOKEN, and only into the token owner's namespace."""
 
 from __future__ import annotations
 
@@ -26,7 +28,12 @@ def build_export_tab(studio: Studio) -> None:
             with gr.Row():
                 repo = gr.Textbox(label="Repository (user/name)", elem_id="hub-repo")
                 token = gr.Textbox(
-                    label="Token (write access; empty = use HF_TOKEN)", type="password", elem_id="hub-token"
+                    label=(
+                        "Your token (write access; empty = the account you signed in with)"
+                        if studio.settings.public else "Token (write access; empty = use HF_TOKEN)"
+                    ),
+                    type="password",
+                    elem_id="hub-token",
                 )
             with gr.Row():
                 kind = gr.Radio(["adapter", "merged"], value="adapter", label="What to push")
@@ -37,34 +44,40 @@ def build_export_tab(studio: Studio) -> None:
             card = gr.Code(language="markdown", label="README.md", elem_id="export-card", interactive=False)
 
         @friendly
-
-        def build_zip(run_id):
-            path = export.zip_adapter(studio.run_dir(run_id, need_adapter=True))
+        def build_zip(run_id, request: gr.Request):
+            path = export.zip_adapter(studio.run_dir(run_id, studio.caller(request), need_adapter=True))
             return str(path)
 
         @friendly
-
-        def merge(run_id, offer_zip):
-            run_dir = studio.run_dir(run_id, need_adapter=True)
-            out = export.save_merged(run_dir)
-            note = f"Merged model saved to `{out}`."
+        def merge(run_id, offer_zip, request: gr.Request):
+            run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
+            out = export.save_merged(run_dir, allow_remote_code=studio.settings.allow_remote_code and not studio.settings.public)
+            note = f"Merged model saved as `{out.name}` in the run folder." if studio.settings.public else f"Merged model saved to `{out}`."
             return note, (str(export.zip_folder(out)) if offer_zip else None)
 
-        def push_run(run_id, repo_id, typed_token, what, is_private):
-            run_dir = studio.run_dir(run_id, need_adapter=True)
+        def push_run(run_id, repo_id, typed_token, what, is_private, request: gr.Request):
+            caller = studio.caller(request)
             try:
-                url = export.push_to_hub(run_dir, repo_id, typed_token, kind=what, private=is_private)
-            except (ValueError, FileNotFoundError, export.HubError) as e:
+                run_dir = studio.run_dir(run_id, caller, need_adapter=True)
+                typed = (typed_token or "").strip()
+                if studio.settings.public:
+                    # The visitor's own token only: typed, else the account they signed in with.
+                    url = export.push_to_hub(
+                        run_dir, repo_id, typed or caller.hub_token, kind=what, private=is_private,
+                        use_env_token=False, own_namespace=True,
+                    )
+                else:
+                    url = export.push_to_hub(run_dir, repo_id, typed, kind=what, private=is_private)
+            except (ValueError, FileNotFoundError, export.HubError, gr.Error) as e:
                 # The field is cleared either way: the token is never sent back to the page.
-                return "", f"**Push failed:** {e}"
+                return "", f"**Push failed:** {getattr(e, 'message', None) or e}"
             return "", f"Pushed the {what} to [{url}]({url})."
 
         @friendly
-
-        def show_card(run_id):
+        def show_card(run_id, request: gr.Request):
             if not run_id:
                 return ""
-            run_dir = studio.run_dir(run_id)
+            run_dir = studio.run_dir(run_id, studio.caller(request))
             if not (run_dir / "adapter" / "adapter_config.json").exists():
                 return ""
             return export.model_card(run_dir, "adapter")

@@ -1,5 +1,6 @@
-"""Runs tab: every run with its method, settings and final metrics; several runs' loss and
-memory curves overlaid (methods compared on the same data); resume; delete with confirmation."""
+"""Runs tab: the visitor's runs (every run for the operator) with method, settings and final
+metrics; several runs' loss and memory curves overlaid (methods compared on the same data);
+resume; delete with confirmation. Every handler acts only on the caller's own runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import pandas as pd
 
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
+from lora_studio.ui.identity import Caller
+from lora_studio.ui.train_tab import check_fair_share
 
 FINISH_WAIT_S = 15.0  # how long Delete waits for a just-stopped run's process to exit
 
@@ -30,9 +33,9 @@ def _config(studio: Studio, run_id: str) -> dict[str, Any]:
         return {}
 
 
-def runs_table(studio: Studio) -> pd.DataFrame:
+def runs_table(studio: Studio, caller: Caller) -> pd.DataFrame:
     records = []
-    for st in studio.runner.list_runs():
+    for st in studio.list_runs(caller):
         cfg = _config(studio, st["run_id"])
         peak = st.get("cuda_peak_mb", st.get("peak_rss_mb"))
         records.append(
@@ -82,10 +85,11 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
     with gr.Tab("Runs", id="runs") as tab:
         with gr.Row():
             refresh = gr.Button("Refresh", size="sm", elem_id="runs-refresh")
-        table = gr.Dataframe(value=runs_table(studio), label="Runs", elem_id="runs-table", interactive=False, wrap=True)
+        # Empty when the page is built: filled on load with the visitor's own runs.
+        table = gr.Dataframe(value=pd.DataFrame(columns=COLUMNS), label="Runs", elem_id="runs-table", interactive=False, wrap=True)
         picked = gr.Dropdown(
             label="Runs to overlay (same data: compare methods)",
-            choices=studio.runs(),
+            choices=[],
             multiselect=True,
             allow_custom_value=True,
             elem_id="runs-pick",
@@ -94,7 +98,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
             loss_plot = gr.LinePlot(x="step", y="loss", color="run", title="Loss", elem_id="runs-loss-plot", height=280)
             memory_plot = gr.LinePlot(x="step", y="MiB", color="run", title="Memory (MiB)", elem_id="runs-memory-plot", height=280)
         with gr.Row():
-            one = gr.Dropdown(label="Run", choices=studio.runs(), allow_custom_value=True, elem_id="runs-one")
+            one = gr.Dropdown(label="Run", choices=[], allow_custom_value=True, elem_id="runs-one")
             show = gr.Button("Show in Train tab", elem_id="runs-show")
             resume = gr.Button("Resume", elem_id="runs-resume")
             delete = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
@@ -104,39 +108,55 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
             cancel = gr.Button("Cancel", elem_id="runs-delete-cancel")
         message = gr.Markdown(elem_id="runs-message")
 
-    def refreshed(current_pick, current_one):
-        choices = studio.runs()
+    def listing(current_pick, current_one, caller: Caller):
+        choices = studio.runs(caller)
         ids = [v for _, v in choices]
         return (
-            runs_table(studio),
+            runs_table(studio, caller),
             gr.update(choices=choices, value=[r for r in current_pick or [] if r in ids]),
             gr.update(choices=choices, value=current_one if current_one in ids else next(iter(ids), None)),
         )
 
+    def refreshed(current_pick, current_one, request: gr.Request):
+        return listing(current_pick, current_one, studio.caller(request))
+
     @friendly
-    def draw(run_ids):
+    def draw(run_ids, request: gr.Request):
+        caller = studio.caller(request)
+        if isinstance(run_ids, str):
+            run_ids = [run_ids]
         for run_id in run_ids or []:
-            studio.runner.run_dir(run_id)  # refuses ids that could leave the runs folder
+            studio.check_run(run_id, caller)  # ids that could leave the runs folder, or another visitor's run
         yield None, None  # a reset, so each run picked gets its colour (see charts.plot_value)
         yield tuple(charts.plot_value(f) for f in overlay(studio, run_ids))
 
     @friendly
-    def resume_run(run_id, view_state):
-        studio.run_dir(run_id)
+    def show_run(run_id, request: gr.Request):
+        caller = studio.caller(request)
+        studio.check_run(run_id, caller)
+        yield from view.switch_to(run_id, caller)
+
+    @friendly
+    def resume_run(run_id, view_state, request: gr.Request):
+        caller = studio.caller(request)
+        studio.run_dir(run_id, caller)
+        if studio.runner.status(run_id).get("state") not in ("queued", "starting", "running"):
+            check_fair_share(studio, caller)  # a resumed run is queued again: one per visitor still
         studio.runner.resume(run_id)
         message = f"Run **{run_id}** resumes from its last checkpoint; follow it in the Train tab."
-        for outputs in view.switch_to(run_id):
+        for outputs in view.switch_to(run_id, caller):
             yield (message, *outputs)
 
-    def ask_delete(run_id):
+    def ask_delete(run_id, request: gr.Request):
         if not run_id:
             raise gr.Error("Pick a run first.")
-        studio.run_dir(run_id)
+        studio.run_dir(run_id, studio.caller(request))
         return gr.Row(visible=True), f"Delete **{run_id}** and all its files (adapter, checkpoints, metrics)?"
 
     @friendly
-    def do_delete(run_id, current_pick):
-        studio.run_dir(run_id)
+    def do_delete(run_id, current_pick, request: gr.Request):
+        caller = studio.caller(request)
+        studio.run_dir(run_id, caller)
         deadline = time.monotonic() + FINISH_WAIT_S
         while True:
             try:
@@ -151,15 +171,15 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
                 time.sleep(0.2)
         if studio.chat is not None:
             studio.chat.unload()  # it may hold this run's adapter
-        table_value, pick, one_update = refreshed(current_pick, None)
+        table_value, pick, one_update = listing(current_pick, None, caller)
         return gr.Row(visible=False), f"Deleted {run_id}.", table_value, pick, one_update
 
     pickers = [table, picked, one]
     refresh.click(refreshed, [picked, one], pickers, api_name="runs", queue=False)
     tab.select(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
-    demo.load(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
+    studio.after_identify(refreshed, [picked, one], pickers, api_visibility="undocumented", queue=False)
     picked.change(draw, picked, [loss_plot, memory_plot], api_name="overlay")
-    show.click(view.switch_to, one, view_outputs, api_visibility="undocumented")
+    show.click(show_run, one, view_outputs, api_visibility="undocumented")
     resume.click(resume_run, [one, view], [message, *view_outputs], api_name="resume", concurrency_id="train")
     delete.click(ask_delete, one, [confirm_row, confirm_text], api_visibility="undocumented", queue=False)
     cancel.click(lambda: gr.Row(visible=False), None, confirm_row, api_visibility="undocumented", queue=False)

@@ -2,8 +2,8 @@
 starting; Start / Stop (save) / Abort; live progress and charts polled from the run folder.
 
 The page holds no training: Start hands a TrainConfig to the runner, which trains in its own
-process, and every chart is redrawn from the run folder. A reloaded page (or another
-visitor's) reattaches to the running run on load.
+process, and every chart is redrawn from the run folder. A reloaded page reattaches on load to
+the visitor's own running run (never to another visitor's: see ui/identity.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from lora_studio.methods import REGISTRY, get_method
 from lora_studio.models import BUNDLED, check_model_spec
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
+from lora_studio.ui.identity import Caller
+from lora_studio.ui.settings import REMOTE_CODE_ENV
 
 POLL_S = 1.5
 # Settings widgets, by TrainConfig field (the order of the event inputs).
@@ -106,6 +108,60 @@ def _number(name: str, value: Any, kind: type) -> Any:
     return number
 
 
+REMOTE_CODE_OFF = (
+    "Trust remote code is turned off on this server: a model repo's own Python code is never run here "
+    f"(the operator of a local server may allow it with {REMOTE_CODE_ENV}=1; a public server never does)"
+)
+
+
+def check_remote_code(studio: Studio, cfg: TrainConfig) -> None:
+    if cfg.trust_remote_code and not (studio.settings.allow_remote_code and not studio.settings.public):
+        raise ValueError(REMOTE_CODE_OFF)
+
+
+def apply_limits(studio: Studio, cfg: TrainConfig, caller: Caller) -> tuple[TrainConfig, str]:
+    """The run's settings within this server's caps (public mode; admins and local mode have
+    none): refused, naming the setting and the cap, or a run by epochs cut at the step cap.
+    Returns the config and a note for the page ("" when nothing was changed)."""
+    lim = studio.settings.limits
+    if caller.admin:
+        return cfg, ""
+    if lim.epochs and cfg.epochs > lim.epochs:
+        raise ValueError(f"epochs: {cfg.epochs:g} is over this server's limit of {lim.epochs:g} per run (LORA_STUDIO_MAX_EPOCHS)")
+    if lim.seq_len and cfg.max_seq_len > lim.seq_len:
+        raise ValueError(
+            f"max length: {cfg.max_seq_len} tokens is over this server's limit of {lim.seq_len} (LORA_STUDIO_MAX_SEQ_LEN)"
+        )
+    note = ""
+    if lim.steps:
+        if cfg.max_steps and cfg.max_steps > lim.steps:
+            raise ValueError(
+                f"max steps: {cfg.max_steps} is over this server's limit of {lim.steps} per run (LORA_STUDIO_MAX_STEPS)"
+            )
+        if not cfg.max_steps:
+            cfg.max_steps = lim.steps  # a cap, not a target: a shorter run by epochs stays shorter
+            note = f"at most {lim.steps} steps on this server (LORA_STUDIO_MAX_STEPS)"
+    return cfg, note
+
+
+def check_fair_share(studio: Studio, caller: Caller) -> None:
+    """One queued-or-running run per visitor, and a bounded queue, in public mode."""
+    lim = studio.settings.limits
+    if caller.admin or not (lim.runs_per_visitor or lim.queue):
+        return
+    waiting = [r for r in studio.runner.list_runs() if r.get("state") in ("queued", "starting", "running")]
+    mine = [r["run_id"] for r in waiting if studio.owns(caller, r["run_id"])]
+    if lim.runs_per_visitor and len(mine) >= lim.runs_per_visitor:
+        raise ValueError(
+            f"you already have {len(mine)} run(s) queued or training ({', '.join(mine)}); this server allows "
+            f"{lim.runs_per_visitor} per visitor (LORA_STUDIO_MAX_RUNS_PER_VISITOR): stop it or wait for it to end"
+        )
+    if lim.queue and len(waiting) >= lim.queue:
+        raise ValueError(
+            f"the queue is full ({len(waiting)} runs queued or training, LORA_STUDIO_MAX_QUEUE): try again later"
+        )
+
+
 def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> None:
     """Refuse here, with a message naming the setting, what the worker would otherwise only
     find out after a run folder exists: a model that is not there, a batch larger than the
@@ -116,6 +172,7 @@ def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> 
     from lora_studio.memory import estimate
 
     cfg = cfg.resolved()
+    check_remote_code(studio, cfg)
     studio.check_model(cfg.model)  # a folder on the server, where local models are off
     check_model_spec(cfg.model)
     if not cfg.trust_remote_code:  # a custom tokenizer would need the opt-in: the worker checks that one
@@ -208,9 +265,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
                 checkpoint_every = gr.Number(label="Checkpoint every N steps", value=50, precision=0)
                 eval_every = gr.Number(label="Eval every N steps", value=50, precision=0)
                 options = gr.Textbox(label="Method options (JSON)", value="", elem_id="method-options")
+            # Offered only where the operator allowed it at launch on a local server; kept hidden
+            # otherwise (its place in /start's inputs stays), and refused over the API.
             trust = gr.Checkbox(
                 label="⚠ Trust remote code: run Python code from the model's Hub repo (only for repos you trust)",
                 value=False,
+                visible=studio.settings.allow_remote_code and not studio.settings.public,
+                elem_id="trust-remote-code",
             )
         preflight = gr.Markdown(elem_id="preflight")
         with gr.Row():
@@ -249,6 +310,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     def check(sel, *args):
         try:
             cfg = build_config(values_of(args), sel or {"data": "(data not chosen yet)"})
+            check_remote_code(studio, cfg)
             studio.check_model(cfg.model)  # no sizes of a server folder's model either
             check_model_spec(cfg.model)  # a missing folder named as such, not as a bad Hub id
             return preflight_text(cfg, (sel or {}).get("max_tokens"))
@@ -264,14 +326,21 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     outputs = [view, status, progress, loss_plot, memory_plot, lr_plot, speed_plot]
 
     @friendly
-    def start_run(sel, *args):
+    def start_run(request: gr.Request, sel, *args):  # the request first: gradio passes it by position
+        caller = studio.caller(request)
         cfg = build_config(values_of(args), sel)
+        check_remote_code(studio, cfg)
+        cfg, note = apply_limits(studio, cfg, caller)
+        check_fair_share(studio, caller)
         check_start(studio, cfg, sel)
-        yield from switch_to(studio.runner.start(cfg))
+        wall = studio.settings.limits.wall_s if not caller.admin else 0
+        run_id = studio.runner.start(cfg, owner=caller.owner, max_wall_s=wall or None)
+        yield from switch_to(run_id, caller)
 
-    def redraw(run_id: str | None, view_state: dict | None = None, force: bool = True) -> tuple:
-        """Everything the live view shows, read from the run folder; gr.skip() where nothing changed."""
-        if not run_id:
+    def redraw(run_id: str | None, caller: Caller, view_state: dict | None = None, force: bool = True) -> tuple:
+        """Everything the live view shows, read from the run folder; gr.skip() where nothing changed.
+        A run that is not the caller's is drawn as no run at all."""
+        if not run_id or not studio.owns(caller, run_id):
             return ({}, charts.status_markdown(None, {}), "", *([gr.skip()] * 4))
         state = view_state if view_state and view_state.get("run_id") == run_id else {"run_id": run_id, "rows": []}
         try:
@@ -283,7 +352,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         if new_rows and new_rows[0]["step"] <= last:  # a resume rewrote the history
             state["rows"], new_rows = [], studio.runner.metrics(run_id)
         rows = state["rows"] + new_rows
-        text = charts.status_markdown(run_id, st, str(studio.runner.run_dir(run_id).resolve()))
+        where = None if studio.settings.public else str(studio.runner.run_dir(run_id).resolve())  # no server paths
+        text = charts.status_markdown(run_id, st, where)
         bar = charts.progress_html(st, rows)
         unchanged = not force and (text, bar) == (state.get("text"), state.get("bar"))
         state = {"run_id": run_id, "rows": rows, "state": st.get("state"), "text": text, "bar": bar}
@@ -299,46 +369,53 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             charts.plot_value(charts.speed_frame(rows)),
         )
 
-    def switch_to(run_id: str | None):
-        """Point this page's view at a run: the plots are reset first, so the new run's series
-        get their colours (see charts.plot_value)."""
-        drawn = redraw(run_id)
+    def switch_to(run_id: str | None, caller: Caller):
+        """Point this page's view at one of the caller's runs: the plots are reset first, so the
+        new run's series get their colours (see charts.plot_value)."""
+        drawn = redraw(run_id, caller)
         yield (*drawn[:3], None, None, None, None)
         yield drawn
 
-    def tick(view_state):
+    def tick(view_state, request: gr.Request):
         view_state = view_state or {}
         run_id = view_state.get("run_id")
         if not run_id:
             return (view_state, *([gr.skip()] * 6))
-        studio.runner.poll()  # launch a queued run, mark a dead one (cheap; any visitor's page may do it)
-        return redraw(run_id, view_state, force=False)  # a finished run is watched too: it may be resumed
+        studio.poll()  # launch a queued run, mark a dead one: at most every few seconds, whatever the pages
+        return redraw(run_id, studio.caller(request), view_state, force=False)  # a finished run may be resumed
 
-    def attach(view_state):
-        """On page load: the running run (else the next queued one, else the newest) of this runs
-        folder, drawn from its files. Running first: the queue is newest first too, and a visitor
-        who queued a run after it must not make every new page show that one instead."""
-        runs = studio.runner.list_runs()
+    def attach(view_state, request: gr.Request):
+        """On page load: the caller's running run (else their next queued one, else their newest),
+        drawn from its files; never another visitor's. Running first: the queue is newest first
+        too, and a run queued after it must not make every new page show that one instead."""
+        caller = studio.caller(request)
+        runs = studio.list_runs(caller)
         training = [r for r in runs if r.get("state") in ("starting", "running")]
         queued = sorted((r for r in runs if r.get("state") == "queued"), key=lambda r: r.get("queue_position") or 0)
         pick = (training or queued or runs or [{}])[0].get("run_id")
-        return redraw(pick)
+        return redraw(pick, caller)
 
-    def request_stop(view_state, save: bool):
+    def request_stop(view_state, save: bool, caller: Caller):
         run_id = (view_state or {}).get("run_id")
-        if not run_id:
+        if not run_id or not studio.owns(caller, run_id):
             raise gr.Error("No run to stop.")
         studio.runner.stop(run_id, save=save)
-        return redraw(run_id, view_state)
+        return redraw(run_id, caller, view_state)
+
+    def stop_run(view_state, request: gr.Request):
+        return request_stop(view_state, True, studio.caller(request))
+
+    def abort_run(view_state, request: gr.Request):
+        return request_stop(view_state, False, studio.caller(request))
 
     start.click(
         start_run, [selection, *widgets], outputs, api_name="start", concurrency_id="train", concurrency_limit=1,
         trigger_mode="once",
     )  # fmt: skip
-    stop.click(lambda v: request_stop(v, True), view, outputs, api_name="stop", queue=False)
-    abort.click(lambda v: request_stop(v, False), view, outputs, api_name="abort", queue=False)
+    stop.click(stop_run, view, outputs, api_name="stop", queue=False)
+    abort.click(abort_run, view, outputs, api_name="abort", queue=False)
     timer.tick(tick, view, outputs, api_visibility="undocumented", queue=False, show_progress="hidden")
-    demo.load(attach, view, outputs, api_name="attach", queue=False)
+    studio.after_identify(attach, view, outputs, api_name="attach", queue=False)
     # The Runs tab points the view at another run (resume, show) through these.
     view.switch_to = switch_to  # type: ignore[attr-defined]
     view.outputs = outputs  # type: ignore[attr-defined]

@@ -1,8 +1,11 @@
-"""Several visitors on one real app (`python app.py`, gradio_client sessions in threads): one
-training, one queued behind it, three chatting with finished runs at the same time. Each keeps its
-own chat history (replies checked against the chat engine run in the test on that session's own
-history), all see the same run states, two stop clicks on one run, a stop while checkpoints are
-written every step, and the delete of a running, a stopping and a just-stopped run."""
+"""Several sessions on one real app in local mode (`python app.py`, gradio_client sessions in
+threads): one training, one queued behind it, three chatting with finished runs at the same time.
+In local mode every session is the operator's, so all see and may act on every run (a public
+app, where each visitor owns their runs and is refused on anyone else's, is
+tests/hardening/test_app_public.py). Each keeps its own chat history (replies checked against the
+chat engine run in the test on that session's own history), all see the same run states, two
+stop clicks on one run, a stop while checkpoints are written every step, and the delete of a
+running, a stopping and a just-stopped run."""
 
 from __future__ import annotations
 
@@ -157,7 +160,7 @@ def test_visitors_keep_their_own_chats_and_see_the_same_runs(app, tiny_llama_dir
         assert states["run-a"] == states["run-b"] == "done"
     views = [visitor(app) for _ in range(3)]
     attached = {run_id_of(v.predict(api_name="/attach")[0]) for v in views}
-    assert attached == {training}  # a new page attaches to the one running run, whoever started it
+    assert attached == {training}  # local mode: a new page of the operator's attaches to the running run
 
     # The waiting visitor leaves the queue (tests/ui/test_api_train.py shows the queue advancing).
     waiter.predict(api_name="/abort")
@@ -217,7 +220,7 @@ def test_stop_during_checkpoints_and_delete_of_a_running_run(app, tiny_llama_dir
     # A stop is pending, or has just been written while the worker and its supervisor exit:
     # deleted the moment the state allows it, after which no process of the run survives and the
     # folder does not come back (a late status write, a heartbeat).
-    wait_for(lambda: _try_delete(other, run_id), timeout=120, every=0.05)
+    wait_for(lambda: _try_delete(owner, run_id), timeout=120, every=0.05)
     assert not folder.exists()
     wait_for(lambda: not alive(pids), timeout=30)
     time.sleep(2)
@@ -242,7 +245,7 @@ def check_stopped(folder: Path, status: dict) -> None:
 def refuse_deletes(app, run_id: str, owner: Client, other: Client, model: str) -> None:
     folder = app.runs_dir / run_id
     files_before = {p.name for p in folder.iterdir()}
-    for client in (owner, other):  # the owner, and a visitor who never saw it start
+    for client in (owner, other):  # the owner, and a session of the operator's that never saw it start
         with pytest.raises(AppError, match="stop it before deleting"):
             client.predict(run_id, [], api_name="/delete")
     assert {p.name for p in folder.iterdir()} >= files_before - {"heartbeat"} and alive(run_pids(app, run_id))

@@ -173,7 +173,8 @@ def space(tmp_path_factory, tiny_llama_dir):
     having preselected a local folder; another model folder sits on the same server."""
     root = tmp_path_factory.mktemp("space")
     shutil.copytree(tiny_llama_dir, root / "other-model")
-    env = {"SPACE_ID": "someone/lora-studio", "LORA_STUDIO_LOCAL_MODELS": ""}  # empty: the default
+    # Empty: the default. A Space is in public mode: the settings of these tests fit its caps.
+    env = {"SPACE_ID": "someone/lora-studio", "LORA_STUDIO_LOCAL_MODELS": "", "LORA_STUDIO_MAX_EPOCHS": "100"}
     launched = launch_app(root / "runs", tiny_llama_dir, root / "app.log", env)
     client = Client(launched.url, verbose=False)
     yield launched, client, str(root / "other-model")

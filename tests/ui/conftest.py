@@ -39,8 +39,9 @@ def free_port() -> int:
 
 def launch_app(runs_dir: Path, model: str, log: Path, extra_env: dict[str, str] | None = None) -> LaunchedApp:
     port = free_port()
+    base = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "LORA_STUDIO_MODE", "SPACE_ID")}
     env = {
-        **os.environ,
+        **base,
         "LORA_STUDIO_RUNS_DIR": str(runs_dir),
         "LORA_STUDIO_MODEL": model,
         "GRADIO_SERVER_NAME": "127.0.0.1",
@@ -48,9 +49,8 @@ def launch_app(runs_dir: Path, model: str, log: Path, extra_env: dict[str, str] 
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
-        **(extra_env or {}),
+        **(extra_env or {}),  # a test may plant an HF_TOKEN here (tests/hardening/test_app_public.py)
     }
-    env.pop("HF_TOKEN", None)
     fh = log.open("w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
