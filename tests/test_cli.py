@@ -22,7 +22,7 @@ def test_train_prints_progress_and_checkpoints_every_n(tiny_llama_dir, train_fil
     assert main(train_args(tiny_llama_dir, train_file, tmp_path, "--max-steps", "5", "--checkpoint-every", "2")) == 0
     out = capsys.readouterr().out
     assert "] " in out and "    5/5  loss" in out and "done: 5 steps" in out
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000004"]  # every 2; older deleted
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000002", "step-000004"]  # every 2; the two latest kept
     assert TrainConfig.load(tmp_path / "config.json").checkpoint_every == 2
 
 
