@@ -326,7 +326,7 @@ def write_gguf(
     w.add_name(f"{name} (merged)" if name == "mistral" else name)
     if base_id:
         w.add_base_model_count(1)
-        w.add_base_model_name(base_id)
+        w.add_base_model_name(0, base_id)
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])  # fmt: skip
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -261,3 +261,25 @@ def test_modelfile_carries_the_runs_settings(tokenizer):
     assert 'SYSTEM """Be brief."""' in lines and text.count('TEMPLATE """') == 1
     greedy_file = gguf_export.modelfile("m.gguf", tokenizer, {}, None)
     assert "PARAMETER temperature 0" in greedy_file and "PARAMETER top_k 1" in greedy_file and "SYSTEM" not in greedy_file
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_bundled_model_round_trips(quant, tmp_path, capsys):
+    """SmolLM2-135M-Instruct (the bundled model): the f16 file answers exactly as the model at f16
+    precision, q8_0 closely (agreement printed). Most of the time is transformers dequantizing."""
+    from lora_studio.models import BUNDLED_HUB_ID, load_model, load_tokenizer
+
+    model, tok = load_model("bundled"), load_tokenizer("bundled")
+    path = gguf_export.write_gguf(model, tok, tmp_path / f"smol.{quant}.gguf", quant, base_id=BUNDLED_HUB_ID)
+    back, back_tok = load_back(path)
+    reference = rounded(model, torch.float16) if quant == "f16" else model
+    ids = prompt_ids(tok, "What is the capital of France?")
+    assert prompt_ids(back_tok, "What is the capital of France?").tolist() == ids.tolist()
+    want, got = greedy(reference, ids, 12), greedy(back, ids, 12)
+    same = sum(x == y for x, y in zip(want, got))
+    with capsys.disabled():
+        print(f"\n[gguf {quant}, bundled SmolLM2-135M] greedy agreement: {same}/{len(want)} = {same / len(want):.1%}")
+    if quant == "f16":
+        assert got == want
+    assert same / len(want) >= 0.7
