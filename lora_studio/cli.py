@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_studio train|compare|inspect|runs|bench ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push|bench ...` (headless, same engine as the UI)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,25 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, help="0 = greedy; default: the run's saved setting (greedy)")
     p.add_argument("--top-p", type=float, dest="top_p", help="default: the run's saved setting (1.0)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run: the adapter, the merged model, or a GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--format", required=True, choices=["adapter", "merged", "gguf"], dest="export_format")
+    p.add_argument(
+        "--out", required=True,
+        help="adapter: a folder, or a .zip; merged: a folder; gguf: a folder (Modelfile and README beside the file) or a .gguf path",
+    )  # fmt: skip
+    p.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
+
+
+def _push_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="push a run's adapter or merged model to the Hugging Face Hub (token: HF_TOKEN)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--repo", required=True, help="Hub repository, user/name")
+    p.add_argument("--what", choices=["adapter", "merged"], default="adapter", help="default adapter")
+    p.add_argument("--public", action="store_true", help="create the repository public (default private)")
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -265,6 +284,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lora_studio.export import export_run
+
+    def progress(fraction: float, what: str) -> None:
+        print(f"[{fraction:4.0%}] {what}", flush=True)
+
+    out = export_run(args.run, args.export_format, args.out, quant=args.quant, progress=progress)
+    print(f"{args.export_format} written to {out}")
+    if args.export_format == "gguf":
+        print(f"Ollama: ollama create NAME -f {out.parent / 'Modelfile'}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from lora_studio.export import push_to_hub
+
+    if args.what == "merged" and not (Path(args.run) / "merged" / "config.json").exists():
+        from lora_studio.export import save_merged
+
+        print("saving the merged model first (RUN/merged)", flush=True)
+        save_merged(args.run)
+    # The operator's own command line: the token comes from HF_TOKEN, read inside push_to_hub.
+    url = push_to_hub(args.run, args.repo, None, kind=args.what, private=not args.public)
+    print(f"pushed the {args.what} to {url}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Exit status 0 when the data trains as it is, 1 when rows have errors."""
     from lora_studio.data import inspect_data
@@ -294,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     _compare_parser(sub)
     _inspect_parser(sub)
     _runs_parser(sub)
+    _export_parser(sub)
+    _push_parser(sub)
     from lora_studio.bench import add_parser as _bench_parser
 
     _bench_parser(sub)
@@ -309,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "push":
+            return cmd_push(args)
         if args.command == "bench":
             from lora_studio.bench import cmd_bench
 

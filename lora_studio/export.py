@@ -190,16 +190,16 @@ def zip_adapter(run_dir: str | Path, dest_dir: str | Path | None = None) -> Path
     return out
 
 
-def save_merged(run_dir: str | Path, out_dir: str | Path | None = None, allow_remote_code: bool = True) -> Path:
-    """Fold the adapter into a full-precision copy of the base and save it (default RUN/merged).
+def load_merged(run_dir: str | Path, allow_remote_code: bool = True) -> tuple[Any, Any, dict[str, Any]]:
+    """The run's base with its adapter folded in (in place: one copy of the model), its tokenizer
+    carrying the run's chat template, and the adapter record. Shared by every merged export.
 
-    A 4-bit (QLoRA) run is merged into the base loaded in full precision, as usual for QLoRA.
     `allow_remote_code=False` (the web app unless its operator allowed it): a run whose base
     needs its repo's own code is refused rather than run.
     """
     from lora_studio.adapters import load_adapter
+    from lora_studio.methods import merge_adapters
     from lora_studio.models import load_model, load_tokenizer
-    from lora_studio.train import save_merged as merge_and_save
 
     run_dir = Path(run_dir)
     src = adapter_dir(run_dir)
@@ -208,16 +208,152 @@ def save_merged(run_dir: str | Path, out_dir: str | Path | None = None, allow_re
     trust = bool(record["settings"].get("trust_remote_code", False))
     if trust and not allow_remote_code:
         raise ValueError(f"run {run_dir.name} was trained with trust_remote_code, which this server does not allow")
-    out = Path(out_dir) if out_dir else run_dir / "merged"
     tokenizer = load_tokenizer(spec, trust)
     if record.get("chat_template"):
         tokenizer.chat_template = record["chat_template"]
     model = load_model(spec, trust_remote_code=trust)
     load_adapter(model, src)
+    merge_adapters(model)
+    return model, tokenizer, record
+
+
+def save_merged(run_dir: str | Path, out_dir: str | Path | None = None, allow_remote_code: bool = True) -> Path:
+    """Fold the adapter into a full-precision copy of the base and save it (default RUN/merged).
+
+    A 4-bit (QLoRA) run is merged into the base loaded in full precision, as usual for QLoRA.
+    """
+    from lora_studio.train import save_merged as merge_and_save
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir / "merged"
+    model, tokenizer, _ = load_merged(run_dir, allow_remote_code)
     with atomic_dir(out, prefix=".merged-") as tmp:
         merge_and_save(model, tokenizer, tmp)
         (tmp / "README.md").write_text(model_card(run_dir, "merged"))
     return out
+
+
+def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
+    """The adapter headless: `out` ending in .zip gets the Export tab's zip, else a folder of PEFT files + card."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.suffix == ".zip":
+        made = zip_adapter(run_dir, out.parent)
+        return made if made == out else made.replace(out)
+    src = adapter_dir(run_dir)
+    with atomic_dir(out, prefix=".adapter-") as tmp:
+        for name in ADAPTER_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        (tmp / "README.md").write_text(model_card(run_dir, "adapter"))
+    return out
+
+
+def gguf_path(run_dir: str | Path, out: str | Path | None, quant: str) -> Path:
+    """Where a GGUF export goes: `out` itself when it names a .gguf file, else `<run>.<quant>.gguf` in the
+    folder `out` (default RUN/gguf)."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "gguf"
+    return out if out.suffix == ".gguf" else out / f"{run_dir.name}.{quant}.gguf"
+
+
+def export_gguf(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    quant: str = "f16",
+    allow_remote_code: bool = True,
+    progress: Any = None,
+) -> Path:
+    """The merged model as one GGUF file, with an Ollama `Modelfile` and a README beside it.
+
+    The family is checked before anything is loaded; the merge happens in the loaded base (one
+    copy in memory) and the file is streamed from it, so no merged folder is written first.
+    """
+    from lora_studio import gguf_export
+    from lora_studio.models import base_model_id, resolve_model_path
+
+    run_dir = Path(run_dir)
+    if quant not in gguf_export.QUANTS:
+        raise ValueError(f"--quant must be one of {', '.join(gguf_export.QUANTS)} (got {quant!r})")
+    record = read_adapter_record(adapter_dir(run_dir))
+    spec = record.get("base_model") or record["settings"].get("model", "bundled")
+    if not record["settings"].get("trust_remote_code"):
+        from transformers import AutoConfig
+
+        gguf_export.gguf_arch(AutoConfig.from_pretrained(resolve_model_path(spec)))  # refuse before loading
+    path = gguf_path(run_dir, out, quant)
+    if progress:
+        progress(0.0, "loading the base and merging the adapter")
+    model, tokenizer, record = load_merged(run_dir, allow_remote_code)
+
+    def step(fraction: float, what: str) -> None:
+        if progress:
+            progress(0.1 + 0.9 * fraction, what)
+
+    gguf_export.write_gguf(
+        model, tokenizer, path, quant, name=run_dir.name, base_id=base_model_id(spec),
+        chat_template=record.get("chat_template"), progress=step,
+    )  # fmt: skip
+    (path.parent / "Modelfile").write_text(
+        gguf_export.modelfile(path.name, tokenizer, record.get("generation") or {}, record.get("system_prompt"))
+    )
+    (path.parent / "README.md").write_text(gguf_readme(run_dir, path, quant, base_model_id(spec)))
+    return path
+
+
+def gguf_readme(run_dir: Path, path: Path, quant: str, base_id: str) -> str:
+    name = run_dir.name.lower()
+    return "\n".join([
+        f"# {run_dir.name} (GGUF, {quant})",
+        "",
+        f"`{path.name}`: the **{base_id}** base with the run's adapter merged in, written by LoRA Studio",
+        "with the gguf package's writer. It carries the tokenizer and the chat template the run trained with",
+        "(`tokenizer.chat_template`).",
+        "",
+        "## llama.cpp",
+        "",
+        "```sh",
+        f"llama-cli -m {path.name} -cnv",
+        f"llama-server -m {path.name}",
+        "```",
+        "",
+        "## Ollama",
+        "",
+        "The `Modelfile` beside this file points at it and sets the prompt template, the stop tokens and",
+        "the run's generation settings:",
+        "",
+        "```sh",
+        f"ollama create {name} -f Modelfile",
+        f"ollama run {name}",
+        "```",
+        "",
+        "## LM Studio",
+        "",
+        "Put the .gguf file in a folder under LM Studio's models folder (`lms import` does it).",
+        "",
+        "## transformers",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_TO_THIS_FOLDER", gguf_file="{path.name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("PATH_TO_THIS_FOLDER", gguf_file="{path.name}")',
+        "```",
+        "",
+    ])
+
+
+def export_run(
+    run_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", allow_remote_code: bool = True,
+    progress: Any = None,
+) -> Path:
+    """What the Export tab builds, headless: `adapter`, `merged` or `gguf`."""
+    if fmt == "adapter":
+        return export_adapter(run_dir, out)
+    if fmt == "merged":
+        return save_merged(run_dir, out, allow_remote_code)
+    if fmt == "gguf":
+        return export_gguf(run_dir, out, quant, allow_remote_code, progress)
+    raise ValueError(f"format must be adapter, merged or gguf (got {fmt!r})")
 
 
 def zip_folder(folder: str | Path, dest_dir: str | Path | None = None) -> Path:

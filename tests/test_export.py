@@ -87,3 +87,99 @@ def test_card_reports_the_runs_own_figures(run_dir):
     assert f"| steps | {len(rows)} of {len(rows)} |" in card and "`answers.jsonl`" in card
     assert "base_model:" not in card  # a local folder is not a Hub id: no broken link in the front matter
     assert "| method | lora |" in card
+
+
+# ---------------------------------------------------------------- headless export (CLI = Export tab's functions)
+
+
+def test_cli_export_adapter_folder_and_zip(run_dir, tmp_path):
+    import zipfile
+
+    from lora_studio.cli import main
+
+    assert main(["export", "--run", str(run_dir), "--format", "adapter", "--out", str(tmp_path / "a")]) == 0
+    assert {p.name for p in (tmp_path / "a").iterdir()} == {*export.ADAPTER_FILES, "README.md"}
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main(["export", "--run", str(run_dir), "--format", "adapter", "--out", str(tmp_path / "x.zip")]) == 0
+    with zipfile.ZipFile(tmp_path / "x.zip") as zf:  # the same zip the Export tab offers
+        assert sorted(zf.namelist()) == sorted(f"run-adapter/{n}" for n in [*export.ADAPTER_FILES, "README.md"])
+
+
+def test_cli_export_merged_answers_like_the_tuned_model(run_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.cli import main
+    from lora_studio.compare import TunedModel
+
+    assert main(["export", "--run", str(run_dir), "--format", "merged", "--out", str(tmp_path / "m")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    tuned = TunedModel(run_dir, device="cpu")
+    ids = tuned.messages_ids([{"role": "user", "content": "Say the word fox"}])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, tuned.model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_export_gguf_round_trips_to_the_merged_models_replies(run_dir, tmp_path, capsys):
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio.cli import main
+    from tests.test_gguf import agreement, greedy, rounded
+
+    record = json.loads((run_dir / "adapter" / "lora_studio.json").read_text())
+    merged, tokenizer, _ = export.load_merged(run_dir)
+    prompts = ["Say the word fox", "Say the word Paris", "hello"]
+    for quant in ("f16", "q8_0"):
+        out = tmp_path / quant
+        assert main(["export", "--run", str(run_dir), "--format", "gguf", "--quant", quant, "--out", str(out)]) == 0
+        path = out / f"run.{quant}.gguf"
+        assert {p.name for p in out.iterdir()} == {path.name, "Modelfile", "README.md"}
+        assert GGUFReader(str(path)).fields["tokenizer.chat_template"].contents() == record["chat_template"]
+        modelfile = (out / "Modelfile").read_text()
+        assert modelfile.startswith(f"FROM ./{path.name}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+        assert f"ollama create run -f Modelfile" in (out / "README.md").read_text()
+        back = AutoModelForCausalLM.from_pretrained(out, gguf_file=path.name, dtype=torch.float32).eval()
+        reference = rounded(merged, torch.float16) if quant == "f16" else merged
+        same = total = 0
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            want, got = greedy(reference, ids), greedy(back, ids)
+            if quant == "f16":
+                assert got == want, prompt
+            same += round(agreement(want, got) * len(want))
+            total += len(want)
+        with capsys.disabled():
+            print(f"\n[gguf {quant}, tiny llama LoRA run] greedy agreement with the merged model: {same}/{total} = {same / total:.1%}")
+        assert same / total >= (1.0 if quant == "f16" else 0.7)
+
+
+def test_cli_export_gguf_refuses_an_unsupported_family_before_loading(tiny_gpt2_dir, tmp_path, capsys):
+    from lora_studio.cli import main
+    from lora_studio.config import TrainConfig
+    from lora_studio.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", format_rows(4))
+    assert train(TrainConfig(data=str(data), out=str(tmp_path / "g"), model=tiny_gpt2_dir, rank=2, batch_size=4, max_steps=1))["state"] == "done"
+    assert main(["export", "--run", str(tmp_path / "g"), "--format", "gguf", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3" in err and "'gpt2'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_push_uses_hf_token_and_never_prints_it(run_dir, monkeypatch, capsys):
+    from lora_studio.cli import main
+
+    hub = FakeHub(fail=True)
+    monkeypatch.setenv("HF_TOKEN", "hf_operatorSECRET")
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: hub)
+    assert main(["push", "--run", str(run_dir), "--repo", "me/tiny"]) == 2
+    assert hub.calls[0][1]["token"] == "hf_operatorSECRET" and hub.calls[0][1]["private"] is True
+    out = capsys.readouterr()
+    assert "hf_operatorSECRET" not in out.out + out.err and "push to me/tiny failed" in out.err
+    hub.fail = False
+    assert main(["push", "--run", str(run_dir), "--repo", "me/tiny", "--public"]) == 0
+    assert "pushed the adapter to https://huggingface.co/me/tiny" in capsys.readouterr().out
+    assert hub.calls[-2][1]["private"] is False and "adapter_model.safetensors" in hub.uploaded

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,17 @@ def test_batch_on_the_runs_validation_rows(client, ui_runs_dir, tiny_llama_dir):
     held = sorted(random.Random(3).sample(range(16), 4))  # the split rule of data.split_examples
     assert table["headers"] == ["prompt", "reference", "base", "tuned"]
     assert [r[:2] for r in table["data"]] == [[rows[i]["instruction"], rows[i]["output"]] for i in held]
+
+
+def test_gguf_button_builds_the_file_modelfile_and_readme(client, done_run, oracle):
+    from gguf import GGUFReader
+
+    note, offered = client.predict(done_run.name, "q8_0", api_name="/export_gguf")
+    names = sorted(Path(p).name for p in offered)
+    assert names == sorted([f"{done_run.name}.q8_0.gguf", "Modelfile", "README.md"]) and "MiB" in note
+    path = done_run / "gguf" / f"{done_run.name}.q8_0.gguf"  # kept in the run folder too
+    fields = GGUFReader(str(path)).fields
+    assert fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
+    assert fields["tokenizer.chat_template"].contents() == oracle.tokenizer.chat_template
+    modelfile = next(Path(p) for p in offered if Path(p).name == "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{path.name}")
