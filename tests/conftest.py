@@ -7,9 +7,15 @@ import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread, here and in every process a test starts (apps, supervisors, workers):
+# the tests' tiny models gain nothing from a second thread, and with a test, an app and a
+# worker all busy on 2 cores, threads that spin-wait for each other made the suite ~3x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -79,6 +85,20 @@ def tiny_gpt2(vocab_size: int):
         eos_token_id=2, bos_token_id=1, pad_token_id=0, initializer_range=0.3,
     )
     return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(autouse=True)
+def _all_cores_for_the_bundled_model(request):
+    """Tests marked slow run the real 135M model in this process: there a second thread pays."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
