@@ -1,4 +1,5 @@
-"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push|bench ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push ...` (headless, same engine as the UI;
+the benchmark is `python -m benchmarks`, outside the runtime package)."""
 
 from __future__ import annotations
 
@@ -342,9 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     _runs_parser(sub)
     _export_parser(sub)
     _push_parser(sub)
-    from lora_studio.bench import add_parser as _bench_parser
-
-    _bench_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -361,10 +359,6 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "push":
             return cmd_push(args)
-        if args.command == "bench":
-            from lora_studio.bench import cmd_bench
-
-            return cmd_bench(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
