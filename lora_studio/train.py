@@ -72,6 +72,7 @@ from lora_studio.memory import estimate_for_examples
 from lora_studio.methods.base import check_config
 from lora_studio.models import base_model_id, load_model, load_tokenizer
 from lora_studio.precision import resolve_precision, stores_frozen_linears_in_bf16
+from lora_studio.preflight import check_batch
 from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
     METRICS,
     hostname,
@@ -433,11 +434,8 @@ class _Loop:
         self.tokenizer = parts["tokenizer"]
         self.examples = parts["examples"]
         self.val_examples = parts.get("val_examples") or []
-        if not cfg.packing and cfg.batch_size > len(self.examples):  # every step the same full batch: a typo
-            raise ValueError(
-                f"invalid training settings: batch_size ({cfg.batch_size}) is larger than the data "
-                f"({len(self.examples)} training examples); use a batch size of {len(self.examples)} or less"
-            )
+        if not cfg.packing:  # the run's own split, for callers that skipped the preflight
+            check_batch(cfg.batch_size, len(self.examples))
         self.device: torch.device = parts["device"]
         self.method = get_method(cfg.method)
         self.autocast_dtype, _ = resolve_precision(cfg, self.device)
