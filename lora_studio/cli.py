@@ -1,4 +1,5 @@
-"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push|bench ...` (headless, same engine as the UI)."""
+"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push ...` (headless, same engine as the UI;
+the benchmark is `python -m benchmarks`, outside the runtime package)."""
 
 from __future__ import annotations
 
@@ -220,11 +221,31 @@ def progress_line(row: dict[str, Any], total: int | None) -> str:
     return line
 
 
+def check_before_training(cfg: TrainConfig) -> None:
+    """The Train tab's pre-run checks (lora_studio.preflight), with the facts the Data tab would
+    have found: usable rows and the longest row. Data with errors is left to the run, whose
+    message names the file, row and field."""
+    from lora_studio.data import inspect_data, parse_columns
+    from lora_studio.models import load_tokenizer
+    from lora_studio.preflight import data_facts, preflight
+
+    cfg = cfg.resolved()
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    preview = inspect_data(cfg.data, tokenizer, fmt=cfg.format, columns=parse_columns(cfg.columns),
+                           system_prompt=cfg.system_prompt, max_seq_len=cfg.max_seq_len)
+    rows, max_tokens = data_facts(preview, cfg.max_seq_len) if preview.report.ok or cfg.drop_invalid else (None, None)
+    preflight(cfg, rows=rows, max_tokens=max_tokens)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lora_studio.runfiles import clear_control, read_status
     from lora_studio.train import train
 
     cfg = _resume_config(args) if args.resume else config_from_args(args)
+    # A new run gets the Train tab's checks before a run folder exists; not a resume (it passed
+    # them when it started), a runner-started worker (the tab ran them) or a torchrun rank.
+    if not (args.resume or os.environ.get("LORA_STUDIO_SUPERVISED") or "WORLD_SIZE" in os.environ):
+        check_before_training(cfg)
     n_gpus = _gpu_count(args.gpus)
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(n_gpus, args.argv)
@@ -342,9 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     _runs_parser(sub)
     _export_parser(sub)
     _push_parser(sub)
-    from lora_studio.bench import add_parser as _bench_parser
-
-    _bench_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -361,10 +379,6 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "push":
             return cmd_push(args)
-        if args.command == "bench":
-            from lora_studio.bench import cmd_bench
-
-            return cmd_bench(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from lora_studio.config import TrainConfig
+from lora_studio.precision import resolve_precision
 from lora_studio.speed import LOSS_CHUNK_BYTES
 
 MB = 2**20
@@ -260,7 +261,6 @@ def estimate(
     them). `model` is an already built model with its adapter (else one is built on `meta`).
     """
     from lora_studio.methods import count_parameters
-    from lora_studio.train import resolve_precision
 
     cfg = cfg.resolved()
     device_t = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

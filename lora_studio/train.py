@@ -68,8 +68,11 @@ from lora_studio.data import (
     pack_examples,
 )
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
+from lora_studio.memory import estimate_for_examples
 from lora_studio.methods.base import check_config
 from lora_studio.models import base_model_id, load_model, load_tokenizer
+from lora_studio.precision import resolve_precision, stores_frozen_linears_in_bf16
+from lora_studio.preflight import check_batch
 from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
     METRICS,
     hostname,
@@ -82,7 +85,6 @@ from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers im
     write_status,
 )
 from lora_studio.speed import (
-    bf16_pays,
     fp32_attention_on_cpu,
     linear_cross_entropy,
     store_frozen_linears,
@@ -202,28 +204,7 @@ def plan_steps(cfg: TrainConfig, n_batches: int) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-# ---------------------------------------------------------------- precision and devices
-
-
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
-    """(autocast dtype or None, dtype the frozen base is loaded in)."""
-    precision = cfg.precision
-    if device.type != "cuda":
-        if precision == "fp16":
-            raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on CPU")
-        if precision == "auto":  # bf16 where its products measure faster (AMX, Zen 4), not merely exist
-            precision = "bf16" if cfg.quantize is None and bf16_pays(device) else "fp32"
-        # Loaded in fp32; prepare() then stores the frozen linear weights in bf16.
-        return (torch.bfloat16 if precision == "bf16" else None), torch.float32
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp32":
-        return None, torch.float32
-    if precision == "fp16":  # fp32 master weights in the base too: fp16 weights overflow easily
-        return torch.float16, torch.float32
-    # A method that writes the base after each step (Delta-LoRA) needs it in full precision.
-    writes_base = get_method(cfg.method).after_step is not None
-    return torch.bfloat16, (torch.float32 if writes_base else torch.bfloat16)
+# ---------------------------------------------------------------- devices
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -309,9 +290,8 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
     torch.manual_seed(cfg.seed)  # adapter init
     names = inject_adapters(model, method, cfg)
     autocast_dtype, _ = resolve_precision(cfg, device)
-    writes_base = method.after_step is not None  # Delta-LoRA adds to W0: keep it exact
-    if autocast_dtype == torch.bfloat16 and base_dtype == torch.float32 and not (writes_base or cfg.merge or cfg.quantize):
-        store_frozen_linears(model, torch.bfloat16)  # autocast rounds them to bf16 anyway: same products
+    if stores_frozen_linears_in_bf16(cfg, autocast_dtype, base_dtype):
+        store_frozen_linears(model, torch.bfloat16)
     if cfg.compile:
         model.base_model.compile(dynamic=True)  # in place: causal_lm_loss calls the body directly
     return {
@@ -454,11 +434,8 @@ class _Loop:
         self.tokenizer = parts["tokenizer"]
         self.examples = parts["examples"]
         self.val_examples = parts.get("val_examples") or []
-        if not cfg.packing and cfg.batch_size > len(self.examples):  # every step the same full batch: a typo
-            raise ValueError(
-                f"invalid training settings: batch_size ({cfg.batch_size}) is larger than the data "
-                f"({len(self.examples)} training examples); use a batch size of {len(self.examples)} or less"
-            )
+        if not cfg.packing:  # the run's own split, for callers that skipped the preflight
+            check_batch(cfg.batch_size, len(self.examples))
         self.device: torch.device = parts["device"]
         self.method = get_method(cfg.method)
         self.autocast_dtype, _ = resolve_precision(cfg, self.device)
@@ -671,8 +648,6 @@ def _train(
 def _estimate(cfg: TrainConfig, loop: _Loop) -> dict[str, Any] | None:
     """The memory estimate for this run's largest batch; never fails the run."""
     try:
-        from lora_studio.memory import estimate_for_examples
-
         return estimate_for_examples(cfg, loop.model, loop.examples, loop.device, loop.env.world).to_dict()
     except Exception as e:  # noqa: BLE001 - an estimate is advice, not a requirement
         return {"error": f"no estimate: {e}"}

@@ -71,3 +71,26 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--batch-size", "25"], "batch_size (25) is larger than the data (24 training examples); use a batch size of 24 or less"),
+    (["--batch-size", "23", "--val-fraction", "0.1"], "batch_size (23) is larger than the data (22 training examples)"),
+    (["--rank", "1000000000"], "is more than this machine has"),
+], ids=["batch over the rows", "batch over the rows after the held-out split", "memory beyond the machine"])
+def test_train_refuses_what_the_train_tab_refuses_before_a_run_folder_exists(
+    tiny_llama_dir, train_file, tmp_path, capsys, extra, words
+):
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_llama_dir, "--data", str(train_file), "--out", str(out), "--rank", "4", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err
+    assert not out.exists()  # refused before anything was written (the run itself would have made it)
+
+
+def test_the_cli_and_the_train_tab_share_one_preflight():
+    from lora_studio import preflight
+    from lora_studio.ui import train_tab
+
+    assert train_tab.preflight is preflight.preflight

@@ -175,19 +175,7 @@ def test_packing_is_skipped_where_it_does_not_pay(tiny_llama_dir):
     assert not speed.packing_pays(body, batch=8, width=48, packed=384)  # nothing shared: only attention grows
 
 
-# ---------------------------------------------------------------- precision
-
-
-def test_cpu_auto_precision_follows_the_measured_bf16_speed(monkeypatch):
-    cpu = torch.device("cpu")
-    cfg = TrainConfig(data="x", out="x")
-    assert train_mod.resolve_precision(dataclasses.replace(cfg, precision="fp32"), cpu) == (None, torch.float32)
-    assert train_mod.resolve_precision(dataclasses.replace(cfg, precision="bf16"), cpu) == (torch.bfloat16, torch.float32)
-    monkeypatch.setattr(train_mod, "bf16_pays", lambda device: True)
-    assert train_mod.resolve_precision(cfg, cpu) == (torch.bfloat16, torch.float32)
-    assert train_mod.resolve_precision(dataclasses.replace(cfg, quantize="4bit"), cpu) == (None, torch.float32)
-    monkeypatch.setattr(train_mod, "bf16_pays", lambda device: False)
-    assert train_mod.resolve_precision(cfg, cpu) == (None, torch.float32)
+# ---------------------------------------------------------------- bf16 on CPU
 
 
 def test_bf16_pays_needs_native_bf16_and_a_measured_speedup(monkeypatch):

@@ -17,6 +17,7 @@ import gradio as gr
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY, get_method
 from lora_studio.models import BUNDLED, check_model_spec
+from lora_studio.preflight import preflight
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
 from lora_studio.ui.identity import Caller
@@ -165,40 +166,15 @@ def check_fair_share(studio: Studio, caller: Caller) -> None:
 def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> None:
     """Refuse here, with a message naming the setting, what the worker would otherwise only
     find out after a run folder exists: a model that is not there, a batch larger than the
-    data, a target that matches nothing, a memory estimate beyond this machine."""
-    import psutil
-    import torch
-
-    from lora_studio.memory import estimate
-
+    data, a target that matches nothing, a memory estimate beyond this machine (the last three
+    are lora_studio.preflight's, the CLI's too)."""
     cfg = cfg.resolved()
     check_remote_code(studio, cfg)
     studio.check_model(cfg.model)  # a folder on the server, where local models are off
     check_model_spec(cfg.model)
     if not cfg.trust_remote_code:  # a custom tokenizer would need the opt-in: the worker checks that one
         studio.tokenizer(cfg.model)  # a Hub id that is wrong, or not cached while offline
-    rows = selection.get("rows")
-    if rows and not cfg.packing:
-        # split_examples' rule: round(fraction * n) held out, at least 1, at least 1 left
-        held = min(rows - 1, max(1, round(cfg.val_fraction * rows))) if cfg.val_fraction and rows >= 2 else 0
-        if cfg.batch_size > rows - held:
-            raise ValueError(
-                f"invalid training settings: batch_size ({cfg.batch_size}) is larger than the data "
-                f"({rows - held} training examples); use a batch size of {rows - held} or less"
-            )
-    try:
-        est = estimate(cfg, seq_len=selection.get("max_tokens"))
-    except Exception as e:  # noqa: BLE001 - a config or a target the model cannot take; the text says which
-        raise ValueError(f"cannot set up {cfg.method} on {cfg.model!r}: {e}") from None
-    if est.device == "cpu":
-        have = psutil.virtual_memory().total / 2**20
-    else:
-        have = torch.cuda.get_device_properties(0).total_memory / 2**20
-    if est.total_mb > have:
-        raise ValueError(
-            f"the memory estimate ({est.total_mb / 1024:,.1f} GiB) is more than this machine has "
-            f"({have / 1024:,.1f} GiB): lower the rank, batch size or max length"
-        )
+    preflight(cfg, rows=selection.get("rows"), max_tokens=selection.get("max_tokens"))
 
 
 def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:

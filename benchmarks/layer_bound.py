@@ -1,6 +1,6 @@
 """The fastest an fp32 LoRA step of the bench's job could be here: its matrix products alone.
 
-    python scripts/bench_layer_bound.py [--bench-json runs/bench/bench.json] [--threads 1 2]
+    python -m benchmarks.layer_bound [--bench-json runs/bench/bench.json] [--threads 1 2]
 
 Times one decoder layer's seven linear products with their LoRA terms (forward, then backward to
 the input and the adapter weights, as a training step needs them) at the number of positions one

@@ -1,11 +1,11 @@
-"""scripts/bench_layer_bound.py: the FLOPs it divides by are the ones its products perform."""
+"""benchmarks/layer_bound.py: the FLOPs it divides by are the ones its products perform."""
 
 from __future__ import annotations
 
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-from scripts.bench_layer_bound import head_step, layer_step
+from benchmarks.layer_bound import head_step, layer_step
 
 
 @pytest.mark.parametrize("fused", [False, True])
