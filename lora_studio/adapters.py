@@ -19,6 +19,7 @@ from torch import nn
 
 from lora_studio.methods import adapter_layers, get_method, inject_adapters
 from lora_studio.methods.base import Conv1D, is_linear, load_layer_states
+from lora_studio.runfiles import write_bytes_atomic
 
 PEFT_PREFIX = "base_model.model."
 STUDIO_FILE = "lora_studio.json"
@@ -106,9 +107,7 @@ def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_bytes_atomic(path, data)
 
 
 def read_adapter_record(adapter_dir: str | Path) -> dict[str, Any]:

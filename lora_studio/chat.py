@@ -19,6 +19,7 @@ import torch
 
 from lora_studio.compare import GenerationSettings, TunedModel
 from lora_studio.methods import disable_adapter
+from lora_studio.runfiles import write_json_atomic
 
 Message = dict[str, str]
 
@@ -140,10 +141,7 @@ def record_vote(run_dir: str | Path, winner: str) -> dict[str, int]:
     with _votes_lock:  # two visitors voting at once must both count
         counts = read_votes(run_dir)
         counts[winner] += 1
-        path = Path(run_dir) / VOTES_FILE
-        tmp = path.with_name("." + path.name + ".tmp")
-        tmp.write_text(json.dumps(counts, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_json_atomic(Path(run_dir) / VOTES_FILE, counts)
     return counts
 
 

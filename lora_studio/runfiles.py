@@ -68,11 +68,17 @@ def checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write, fsync, then rename: a reader (or a power cut) sees the old file or the new one, never
-    half of one. The temporary name is unique so two writers never share one."""
+    half of one."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` into `path` through a temporary file, fsynced, then renamed over it. The temporary
+    name is unique so two writers never share one; a failed write leaves the old file whole."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with tmp.open("w") as fh:
-            fh.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        with tmp.open("wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
@@ -89,6 +95,10 @@ def atomic_dir(target: Path, prefix: str = ".tmp-") -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # on disk before the rename makes them visible: no empty file after a power cut
+            if path.is_file():
+                with path.open("rb") as fh:
+                    os.fsync(fh.fileno())
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
