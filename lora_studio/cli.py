@@ -63,6 +63,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (pays on long GPU runs only)")
+    p.add_argument(
+        "--report-to", choices=["trackio", "tensorboard", "wandb"], dest="report_to",
+        help="also send the metrics to this tracker (its pip package must be installed; default: none)",
+    )  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument(
         "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
