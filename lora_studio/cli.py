@@ -63,6 +63,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (pays on long GPU runs only)")
+    p.add_argument(
+        "--report-to", choices=["trackio", "tensorboard", "wandb"], dest="report_to",
+        help="also send the metrics to this tracker (its pip package must be installed; default: none)",
+    )  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument(
         "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
@@ -120,10 +124,14 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run: the adapter, the merged model, or a GGUF file (llama.cpp, Ollama)")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--format", required=True, choices=["adapter", "merged", "gguf"], dest="export_format")
+    p.add_argument(
+        "--format", required=True, choices=["adapter", "merged", "gguf", "gguf-lora"], dest="export_format",
+        help="gguf: the merged model; gguf-lora: the adapter alone, applied by llama.cpp/Ollama to the base's GGUF "
+        "(plain LoRA runs: LoRA, Delta-LoRA, LoRA+, LoRA-FA, LoRA-Pro)",
+    )  # fmt: skip
     p.add_argument(
         "--out", required=True,
-        help="adapter: a folder, or a .zip; merged: a folder; gguf: a folder (Modelfile and README beside the file) or a .gguf path",
+        help="adapter: a folder, or a .zip; merged: a folder; gguf, gguf-lora: a folder (README beside the file) or a .gguf path",
     )  # fmt: skip
     p.add_argument("--quant", choices=["f16", "bf16", "q8_0"], default="f16", help="GGUF tensor type (default f16)")
 
@@ -315,6 +323,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{args.export_format} written to {out}")
     if args.export_format == "gguf":
         print(f"Ollama: ollama create NAME -f {out.parent / 'Modelfile'}")
+    if args.export_format == "gguf-lora":
+        print(f"llama.cpp: llama-cli -m BASE.gguf --lora {out}")
     return 0
 
 

@@ -97,6 +97,10 @@ class TrainConfig:
     eval_every: int = 50
     """Compute the validation loss every N optimizer steps and at the last step (when there is
     validation data); 0: only at the last step."""
+    report_to: str | None = None
+    """Also send each metrics row (what the charts show) to an experiment tracker: `trackio`,
+    `tensorboard` (RUN/tensorboard) or `wandb`, each an optional package imported only then.
+    None (default): nothing is sent anywhere."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,6 +159,11 @@ class TrainConfig:
             problems.append(f"lr_ratio must be positive (got {self.lr_ratio})")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.report_to is not None:
+            from lora_studio.tracking import TRACKERS
+
+            if self.report_to not in TRACKERS:
+                problems.append(f"report_to must be one of {', '.join(TRACKERS)} or None (got {self.report_to!r})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be at least 1 (got {self.batch_size})")
         if self.max_seq_len < 8:

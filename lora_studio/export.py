@@ -342,18 +342,85 @@ def gguf_readme(run_dir: Path, path: Path, quant: str, base_id: str) -> str:
     ])
 
 
+def export_gguf_lora(run_dir: str | Path, out: str | Path | None = None, quant: str = "f16", progress: Any = None) -> Path:
+    """The run's adapter as a GGUF LoRA adapter for llama.cpp / Ollama (`<run>-lora.<quant>.gguf` in `out`,
+    default RUN/gguf-lora, or `out` itself when it names a .gguf file), with a README on how to apply it.
+
+    Only the adapter is read: no base weights are loaded, just the base's config for its tensor names.
+    DoRA, VeRA and other non-plain-LoRA runs are refused before anything is written.
+    """
+    from transformers import AutoConfig
+
+    from lora_studio import gguf_lora
+    from lora_studio.models import base_model_id, resolve_model_path
+
+    run_dir = Path(run_dir)
+    src = adapter_dir(run_dir)
+    gguf_lora.lora_pairs(src)  # refuse a DoRA / VeRA run before touching the base
+    record = read_adapter_record(src)
+    spec = record.get("base_model") or record["settings"].get("model", "bundled")
+    config = AutoConfig.from_pretrained(resolve_model_path(spec))
+    target = Path(out) if out else run_dir / "gguf-lora"
+    path = target if target.suffix == ".gguf" else target / f"{run_dir.name}-lora.{quant}.gguf"
+    gguf_lora.write_gguf_lora(src, config, path, quant, name=f"{run_dir.name} (LoRA)", base_id=base_model_id(spec),
+                              progress=progress)  # fmt: skip
+    (path.parent / "README.md").write_text(gguf_lora_readme(run_dir, path, base_model_id(spec)))
+    return path
+
+
+def gguf_lora_readme(run_dir: Path, path: Path, base_id: str) -> str:
+    name = run_dir.name.lower()
+    return "\n".join([
+        f"# {run_dir.name} (GGUF LoRA adapter)",
+        "",
+        f"`{path.name}`: the run's adapter in llama.cpp's LoRA adapter format, for the **{base_id}** base.",
+        "It holds only the low-rank matrices: apply it to a GGUF of that same base model (one converted",
+        "with llama.cpp's `convert_hf_to_gguf.py`, any quantization, or LoRA Studio's own unmerged export).",
+        "Its tensor names and shapes follow llama.cpp's `convert_lora_to_gguf.py`; LoRA Studio checks the file",
+        "against that format and against its own merged model, but it was not run in a llama.cpp binary here.",
+        "",
+        "## llama.cpp",
+        "",
+        "```sh",
+        f"llama-cli -m BASE.gguf --lora {path.name} -cnv",
+        f"llama-server -m BASE.gguf --lora {path.name}",
+        "```",
+        "",
+        "## Ollama",
+        "",
+        "A Modelfile beside the two files:",
+        "",
+        "```",
+        "FROM ./BASE.gguf",
+        f"ADAPTER ./{path.name}",
+        "```",
+        "",
+        "```sh",
+        f"ollama create {name} -f Modelfile",
+        "```",
+        "",
+        "A single file with the adapter merged in: `python -m lora_studio export --format gguf`.",
+        "",
+    ])
+
+
+EXPORT_FORMATS = ("adapter", "merged", "gguf", "gguf-lora")
+
+
 def export_run(
     run_dir: str | Path, fmt: str, out: str | Path, quant: str = "f16", allow_remote_code: bool = True,
     progress: Any = None,
 ) -> Path:
-    """What the Export tab builds, headless: `adapter`, `merged` or `gguf`."""
+    """What the Export tab builds, headless: `adapter`, `merged`, `gguf` or `gguf-lora`."""
     if fmt == "adapter":
         return export_adapter(run_dir, out)
     if fmt == "merged":
         return save_merged(run_dir, out, allow_remote_code)
     if fmt == "gguf":
         return export_gguf(run_dir, out, quant, allow_remote_code, progress)
-    raise ValueError(f"format must be adapter, merged or gguf (got {fmt!r})")
+    if fmt == "gguf-lora":
+        return export_gguf_lora(run_dir, out, quant, progress)
+    raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
 
 
 def zip_folder(folder: str | Path, dest_dir: str | Path | None = None) -> Path:

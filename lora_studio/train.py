@@ -84,6 +84,7 @@ from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers im
     write_json_atomic,
     write_status,
 )
+from lora_studio.tracking import tracked
 from lora_studio.speed import (
     fp32_attention_on_cpu,
     linear_cross_entropy,
@@ -331,7 +332,11 @@ def train(
                 started_at=time.time(), error=None, finished_at=None, world_size=env.world,
                 method=cfg.method, model=cfg.model,
             )
-        with _signals_request_stop() as signalled:
+        with (
+            _signals_request_stop() as signalled,
+            # each metrics row also to the tracker asked for (rank 0; nothing imported when None)
+            tracked(cfg.report_to, run_dir, cfg.to_dict(), env.main, on_step) as on_step,
+        ):
             return _train(cfg, run_dir, env, on_step, should_stop, resume, signalled)
     except BaseException as e:  # noqa: BLE001 - every failure must end in a truthful status
         with contextlib.suppress(OSError):  # the disk may be the thing that failed

@@ -183,3 +183,107 @@ def test_cli_push_uses_hf_token_and_never_prints_it(run_dir, monkeypatch, capsys
     assert main(["push", "--run", str(run_dir), "--repo", "me/tiny", "--public"]) == 0
     assert "pushed the adapter to https://huggingface.co/me/tiny" in capsys.readouterr().out
     assert hub.calls[-2][1]["private"] is False and "adapter_model.safetensors" in hub.uploaded
+
+
+# ---------------------------------------------------------------- GGUF LoRA adapter
+
+
+def _with_random_adapter(run_dir: Path, dest: Path) -> Path:
+    """A copy of the run whose A and B are random and large: a few training steps leave B near
+    zero, and an adapter that changes nothing could not fail the comparison below."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run_dir, dest)
+    path = dest / "adapter" / "adapter_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return dest
+
+
+def _check_gguf_lora_against_merge(run: Path, tmp_path: Path, expected_rank: int) -> None:
+    """The adapter file as llama.cpp reads it: the right metadata, every `X.lora_a/.lora_b` pair named
+    after a tensor X of the base GGUF with shapes llama.cpp's loader accepts, and base (from the
+    base GGUF, f16) + alpha/rank · B·A equal to our own merged weight, in the GGUF's layout."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from lora_studio import gguf_export
+    from lora_studio.cli import main
+    from lora_studio.models import load_tokenizer, resolve_model_path
+
+    record = json.loads((run / "adapter" / "lora_studio.json").read_text())
+    spec = record.get("base_model") or record["settings"]["model"]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec), dtype=torch.float32)
+    base_path = gguf_export.write_gguf(base, load_tokenizer(spec), tmp_path / "base.f16.gguf", "f16")
+    assert main(["export", "--run", str(run), "--format", "gguf-lora", "--quant", "f16", "--out", str(tmp_path / "l")]) == 0
+    path = tmp_path / "l" / f"{run.name}-lora.f16.gguf"
+    assert {p.name for p in (tmp_path / "l").iterdir()} == {path.name, "README.md"}
+    assert "not run in a llama.cpp binary" in (tmp_path / "l" / "README.md").read_text()
+
+    adapter, base_file = GGUFReader(str(path)), GGUFReader(str(base_path))
+    value = lambda r, key: r.fields[key].contents()  # noqa: E731
+    assert value(adapter, "general.type") == "adapter" and value(adapter, "adapter.type") == "lora"
+    assert value(adapter, "general.architecture") == value(base_file, "general.architecture") == "llama"
+    alpha = value(adapter, "adapter.lora.alpha")
+    assert adapter.fields["adapter.lora.alpha"].types[0].name == "FLOAT32"  # llama.cpp reads it as f32
+
+    base_tensors = {t.name: t for t in base_file.tensors}
+    ab = {t.name: t for t in adapter.tensors}
+    names = {n.rsplit(".", 1)[0] for n in ab}
+    assert ab and all(n.endswith((".lora_a", ".lora_b")) for n in ab)
+    assert len(ab) == 2 * len(names) == 2 * len(record["modules"])
+    assert names <= set(base_tensors), names - set(base_tensors)
+
+    merged, _, _ = export.load_merged(run)
+    merged_state = merged.state_dict()
+    plan = dict(gguf_export._tensor_plan(merged, "llama"))
+    for name in sorted(names):
+        a, b, w = ab[f"{name}.lora_a"], ab[f"{name}.lora_b"], base_tensors[name]
+        # llama-adapter.cpp's checks, in ggml's ne order: a = [in, rank], b = [rank, out], base = [in, out]
+        assert int(a.shape[0]) == int(w.shape[0]) and int(b.shape[1]) == int(w.shape[1])
+        assert int(a.shape[1]) == int(b.shape[0]) == expected_rank
+        rank = int(b.shape[0])  # what llama.cpp divides alpha by
+        A = torch.from_numpy(a.data.astype("float32"))  # numpy order: (rank, in)
+        B = torch.from_numpy(b.data.astype("float32"))  # (out, rank)
+        W = torch.from_numpy(w.data.astype("float32"))  # (out, in)
+        applied = W + (alpha / rank) * (B @ A)
+        want = gguf_export._prepare(merged_state[plan[name]], name, merged.config, "llama")
+        assert (want - W).abs().max() > 0.05  # the adapter moves this weight far beyond the tolerance
+        torch.testing.assert_close(applied, want, rtol=2e-3, atol=2e-3, msg=name)
+
+
+def test_gguf_lora_of_a_lora_run_applies_to_the_base_gguf_as_our_merge(run_dir, tmp_path):
+    run = _with_random_adapter(run_dir, tmp_path / "run")
+    _check_gguf_lora_against_merge(run, tmp_path, expected_rank=4)
+
+
+def test_gguf_lora_of_a_delta_lora_run_is_its_rank_2r_export(tiny_llama_dir, tmp_path):
+    from lora_studio.config import TrainConfig
+    from lora_studio.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", format_rows(8))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "dl"), model=tiny_llama_dir, method="delta-lora", rank=2,
+                      batch_size=4, max_steps=3, method_options={"start_step": 1})  # fmt: skip
+    assert train(cfg)["state"] == "done"
+    run = _with_random_adapter(tmp_path / "dl", tmp_path / "run")
+    _check_gguf_lora_against_merge(run, tmp_path, expected_rank=4)
+
+
+@pytest.mark.parametrize("method", ["dora", "vera"])
+def test_gguf_lora_refuses_methods_llama_cpp_cannot_apply(method, tiny_llama_dir, tmp_path, capsys):
+    from lora_studio.cli import main
+    from lora_studio.config import TrainConfig
+    from lora_studio.train import train
+
+    data = write_jsonl(tmp_path / "d.jsonl", format_rows(4))
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "r"), model=tiny_llama_dir, method=method, rank=2, batch_size=4, max_steps=1)
+    assert train(cfg)["state"] == "done"
+    assert main(["export", "--run", str(tmp_path / "r"), "--format", "gguf-lora", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{method}'" in err and "--format gguf" in err and "merged GGUF" in err
+    assert not (tmp_path / "o").exists()
