@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import torch
@@ -11,6 +14,7 @@ from lora_studio import runfiles as rf
 from lora_studio.config import TrainConfig
 from lora_studio.methods import get_method, inject_adapters, trainable_parameters
 from lora_studio.models import load_model
+from lora_studio.runner import SUPERVISOR, pid_alive
 
 
 def method_cfg(method: str, **overrides) -> TrainConfig:
@@ -53,3 +57,31 @@ def fake_checkpoints(run_dir: Path, complete: list[int], cut_short: tuple[int, .
         folder.mkdir(parents=True)
         if step in complete:
             (folder / "state.json").write_text("{}")
+
+
+def wait_for(predicate, timeout: float = 120, what: str = "condition", context=None):
+    """Poll until predicate() is truthy; on timeout, context() (e.g. the run's status and log) is
+    put in the message, since a CI log is all there is to read afterwards."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}" + (f"; {context()}" if context else ""))
+
+
+def run_pids(run_dir: Path) -> list[tuple[int, float]]:
+    """(pid, start time) of the run's supervisor, worker and trainer as recorded in its folder."""
+    sup, status = rf.read_json(run_dir / SUPERVISOR), rf.read_status(run_dir)
+    pairs = [(sup.get("pid"), sup.get("pid_started")), (sup.get("worker_pid"), sup.get("worker_started")),
+             (status.get("pid"), status.get("pid_started"))]  # fmt: skip
+    return [(p, t) for p, t in pairs if p]
+
+
+def kill_run_processes(runs_dir: Path) -> None:
+    """SIGKILL every training process a test left running under `runs_dir` (by recorded pid)."""
+    for run_dir in (d for d in runs_dir.glob("*") if d.is_dir()):
+        for pid, started in run_pids(run_dir):
+            if pid_alive(pid, started):
+                os.kill(pid, signal.SIGKILL)

@@ -15,7 +15,7 @@ import pytest
 from lora_studio import runfiles as rf
 from lora_studio.runner import SUPERVISOR, Runner, pid_alive
 from tests.conftest import format_rows, write_jsonl
-from tests.helpers import fake_checkpoints
+from tests.helpers import fake_checkpoints, wait_for
 
 
 @pytest.fixture
@@ -37,16 +37,6 @@ def config(model_dir: str, data: Path, **kw) -> dict:
     return base
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "condition", context=None):
-    """Poll until predicate() is truthy; on timeout, context() (e.g. the run's status and log) is
-    put in the message, since a CI log is all there is to read afterwards."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}" + (f"; {context()}" if context else ""))
 
 
 def file_state(runs: Path, run_id: str) -> str | None:

@@ -29,16 +29,10 @@ from lora_studio.config import TrainConfig
 from lora_studio.runner import SUPERVISOR, pid_alive
 from lora_studio.train import train
 from scripts.soak import EXAMPLE, train_settings, wait_status
-from tests.helpers import fake_checkpoints
+from tests.helpers import fake_checkpoints, run_pids
 from tests.ui.conftest import LaunchedApp, launch_app, stop_app
 
 
-def run_pids(run_dir: Path) -> list[tuple[int, float]]:
-    """(pid, start time) of the run's supervisor, worker and trainer as recorded in its folder."""
-    sup, status = rf.read_json(run_dir / SUPERVISOR), rf.read_status(run_dir)
-    pairs = [(sup.get("pid"), sup.get("pid_started")), (sup.get("worker_pid"), sup.get("worker_started")),
-             (status.get("pid"), status.get("pid_started"))]  # fmt: skip
-    return [(p, t) for p, t in pairs if p]
 
 
 @pytest.fixture

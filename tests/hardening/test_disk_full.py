@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import pytest
 from lora_studio import runfiles as rf
 from lora_studio.checkpoint import latest_checkpoint, load_checkpoint
 from lora_studio.config import TrainConfig
-from lora_studio.runner import Runner, pid_alive
-from tests.hardening.test_app_crash import run_pids
+from lora_studio.runner import Runner
+from tests.helpers import kill_run_processes, wait_for
 
 
 @pytest.fixture
@@ -57,16 +56,6 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_a_full_disk_fails_the_run_keeps_serving_and_the_queue_resumes_with_space(
     small_disk, tiny_llama_dir, train_file
 ):
@@ -78,7 +67,7 @@ def test_a_full_disk_fails_the_run_keeps_serving_and_the_queue_resumes_with_spac
     try:
         first = runner.start(TrainConfig(**common, max_steps=100_000, checkpoint_every=1))
         queued = runner.start(TrainConfig(**common, max_steps=2))
-        _wait(lambda: (runner.status(first).get("checkpoint_step") or 0) >= 2, 120, "two checkpoints")
+        wait_for(lambda: (runner.status(first).get("checkpoint_step") or 0) >= 2, 120, "two checkpoints")
 
         filler = fill(small_disk)
         status = runner.wait(first, timeout=120)
@@ -101,7 +90,4 @@ def test_a_full_disk_fails_the_run_keeps_serving_and_the_queue_resumes_with_spac
         done = runner.wait(queued, timeout=120)
         assert done["state"] == rf.DONE, done
     finally:
-        for run_dir in (d for d in root.glob("*") if d.is_dir()):
-            for pid, started in run_pids(run_dir):
-                if pid_alive(pid, started):
-                    os.kill(pid, signal.SIGKILL)
+        kill_run_processes(root)

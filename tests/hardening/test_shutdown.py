@@ -13,36 +13,18 @@ import os
 import signal
 import textwrap
 import threading
-import time
 
 from lora_studio import runfiles as rf
 from lora_studio.checkpoint import latest_checkpoint
 from lora_studio.config import TrainConfig
 from lora_studio.runner import Runner, pid_alive
-from tests.hardening.test_app_crash import run_pids
+from tests.helpers import kill_run_processes, run_pids, wait_for
 from tests.ui.conftest import launch_app, stop_app
 
 
 def _cfg(data, model, steps: int, **over) -> TrainConfig:
     return TrainConfig(data=str(data), out="unused", model=model, max_steps=steps, batch_size=2, max_seq_len=64,
                        precision="fp32", **over)
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _kill_leftovers(root):
-    for run_dir in (d for d in root.glob("*") if d.is_dir()):
-        for pid, started in run_pids(run_dir):
-            if pid_alive(pid, started):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_to_the_app_checkpoints_the_step_reached_and_keeps_the_queue(tmp_path, tiny_llama_dir, train_file):
@@ -52,7 +34,7 @@ def test_sigterm_to_the_app_checkpoints_the_step_reached_and_keeps_the_queue(tmp
     try:
         long_run = runner.start(_cfg(train_file, tiny_llama_dir, 100_000, checkpoint_every=10_000))
         queued = runner.start(_cfg(train_file, tiny_llama_dir, 2))
-        _wait(lambda: runner.status(long_run).get("step", 0) >= 3, 120, "three steps")
+        wait_for(lambda: runner.status(long_run).get("step", 0) >= 3, 120, "three steps")
         assert runner.status(queued)["state"] == rf.QUEUED
 
         os.kill(app.process.pid, signal.SIGTERM)
@@ -69,7 +51,7 @@ def test_sigterm_to_the_app_checkpoints_the_step_reached_and_keeps_the_queue(tmp
     finally:
         if app.process.poll() is None:
             stop_app(app)
-        _kill_leftovers(root)
+        kill_run_processes(root)
 
 
 def test_resume_waits_for_a_delete_in_progress_then_finds_no_run(tmp_path):
@@ -121,7 +103,7 @@ def test_the_worker_s_output_reaches_train_log_redacted(tmp_path, monkeypatch, t
         assert "a library quoting a URL" in log and "hf_***" in log  # the lines came through
         assert token not in log and token[3:] not in log
     finally:
-        _kill_leftovers(root)
+        kill_run_processes(root)
 
 
 def test_copy_redacted_keeps_every_line_and_redacts_each():
