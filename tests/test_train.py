@@ -166,7 +166,8 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_llama_dir, train_fi
     assert saved_bytes(True) < 0.5 * saved_bytes(False)
 
 
-def test_eval_loss_at_the_interval_equals_a_direct_computation(tiny_llama_dir, train_file, tmp_path, monkeypatch):
+def _seven_val_examples(monkeypatch) -> None:
+    """Make every run hold out its first 7 training examples as validation data."""
     real_prepare = train_mod.prepare
 
     def with_validation(cfg, device=None):
@@ -175,50 +176,39 @@ def test_eval_loss_at_the_interval_equals_a_direct_computation(tiny_llama_dir, t
         return parts
 
     monkeypatch.setattr(train_mod, "prepare", with_validation)
+
+
+def _fp32_eval_oracle(run_dir, model_dir) -> float:
+    """The run's saved adapter on a fresh fp32 model, its 7 validation examples, one mean loss."""
+    from lora_studio.adapters import load_adapter
+    from lora_studio.models import load_model
+
+    parts = train_mod.prepare(TrainConfig.load(run_dir / "config.json"), torch.device("cpu"))
+    model = load_model(model_dir)
+    load_adapter(model, run_dir / "adapter")
+    total = count = 0
+    with torch.no_grad():
+        for e in parts["val_examples"]:
+            loss, n = causal_lm_loss(model, collate([e], parts["tokenizer"].pad_token_id))
+            total, count = total + float(loss), count + n
+    return total / count
+
+
+def test_eval_loss_at_the_interval_equals_a_direct_computation(tiny_llama_dir, train_file, tmp_path, monkeypatch):
+    _seven_val_examples(monkeypatch)
     status = train(make_cfg(tmp_path, tiny_llama_dir, train_file, max_steps=5, eval_every=2))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 5]  # the interval, and the last step
     assert status["eval_loss"] == rows[-1]["eval_loss"] and status["n_val_examples"] == 7
-
-    # Oracle: the saved adapter on a fresh model, the same 7 examples, one summed loss.
-    from lora_studio.adapters import load_adapter
-    from lora_studio.models import load_model
-
-    parts = real_prepare(TrainConfig.load(tmp_path / "config.json"), torch.device("cpu"))
-    model = load_model(tiny_llama_dir)
-    load_adapter(model, tmp_path / "adapter")
-    total = count = 0
-    with torch.no_grad():
-        for e in parts["examples"][:7]:
-            loss, n = causal_lm_loss(model, collate([e], parts["tokenizer"].pad_token_id))
-            total, count = total + float(loss), count + n
-    assert rows[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert rows[-1]["eval_loss"] == pytest.approx(_fp32_eval_oracle(tmp_path, tiny_llama_dir), rel=1e-5)
 
 
 def test_bf16_eval_loss_is_close_to_the_fp32_computation(tiny_llama_dir, train_file, tmp_path, monkeypatch):
-    real_prepare = train_mod.prepare
-
-    def with_validation(cfg, device=None):
-        parts = real_prepare(cfg, device)
-        parts["val_examples"] = parts["examples"][:7]
-        return parts
-
-    monkeypatch.setattr(train_mod, "prepare", with_validation)
+    _seven_val_examples(monkeypatch)
     train(make_cfg(tmp_path, tiny_llama_dir, train_file, max_steps=3, precision="bf16"))
-    rows = read_metrics(tmp_path)
-    from lora_studio.adapters import load_adapter
-    from lora_studio.models import load_model
-
-    parts = real_prepare(TrainConfig.load(tmp_path / "config.json"), torch.device("cpu"))
-    model = load_model(tiny_llama_dir)  # fp32 oracle: the same adapter without autocast
-    load_adapter(model, tmp_path / "adapter")
-    total = count = 0
-    with torch.no_grad():
-        for e in parts["examples"][:7]:
-            loss, n = causal_lm_loss(model, collate([e], parts["tokenizer"].pad_token_id))
-            total, count = total + float(loss), count + n
-    assert rows[-1]["eval_loss"] == pytest.approx(total / count, rel=2e-2)
-    assert rows[-1]["eval_loss"] != pytest.approx(total / count, rel=1e-7)  # it really ran in bf16
+    eval_loss, oracle = read_metrics(tmp_path)[-1]["eval_loss"], _fp32_eval_oracle(tmp_path, tiny_llama_dir)
+    assert eval_loss == pytest.approx(oracle, rel=2e-2)
+    assert eval_loss != pytest.approx(oracle, rel=1e-7)  # it really ran in bf16
 
 
 def test_metrics_rows_have_the_live_numbers(tiny_llama_dir, train_file, tmp_path):
