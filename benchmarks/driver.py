@@ -268,16 +268,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; bad input is one `error:` line and exit code 2, as in `python -m lora_studio`."""
-    from lora_studio.redact import redact
+    from lora_studio.cli import run_command
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return cmd_bench(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {redact(str(e))}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - one line, not a traceback (LORA_STUDIO_DEBUG=1 shows it)
-        if os.environ.get("LORA_STUDIO_DEBUG"):
-            raise
-        print(f"error: {redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)}", file=sys.stderr)
-        return 2
+    return run_command(cmd_bench, build_parser().parse_args(sys.argv[1:] if argv is None else argv))

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lora_studio.config import TrainConfig
 from lora_studio.data.formats import FORMATS
@@ -376,26 +376,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    commands = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, "runs": cmd_runs,
+                "export": cmd_export, "push": cmd_push}  # fmt: skip
+    if args.command not in commands:
+        parser.error(f"unknown command {args.command}")
+    return run_command(commands[args.command], args)
+
+
+def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """`command(args)`, with any failure as one redacted `error:` line on stderr and exit code 2
+    instead of a traceback (LORA_STUDIO_DEBUG=1 shows it). Shared by `python -m benchmarks`."""
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "compare":
-            return cmd_compare(args)
-        if args.command == "inspect":
-            return cmd_inspect(args)
-        if args.command == "runs":
-            return cmd_runs(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "push":
-            return cmd_push(args)
+        return command(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - one line, not a traceback (LORA_STUDIO_DEBUG=1 shows it)
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback
         if os.environ.get("LORA_STUDIO_DEBUG"):
             raise
         print(f"error: {redact(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
     return 2
