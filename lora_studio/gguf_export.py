@@ -146,6 +146,19 @@ def _nbytes(shape: tuple[int, ...], qtype) -> int:
 # ---------------------------------------------------------------- metadata
 
 
+def add_origin_kv(w: Any, base_id: str | None, quant: str) -> None:
+    """The keys a model file and a LoRA adapter file share: the base model it came from, and its
+    file type and quantization version."""
+    import gguf
+
+    if base_id:
+        w.add_base_model_count(1)
+        w.add_base_model_name(0, base_id)
+    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])  # fmt: skip
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
 def _architecture_kv(w: Any, config: Any, arch: str) -> None:
     head_dim = _head_dim(config)
     w.add_context_length(int(config.max_position_embeddings))
@@ -324,12 +337,7 @@ def write_gguf(
     w.add_type(gguf.GGUFType.MODEL)
     # transformers reads a llama-architecture file named exactly "mistral" as Mistral and then fails
     w.add_name(f"{name} (merged)" if name == "mistral" else name)
-    if base_id:
-        w.add_base_model_count(1)
-        w.add_base_model_name(0, base_id)
-    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])  # fmt: skip
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_origin_kv(w, base_id, quant)
     _architecture_kv(w, config, arch)
     _tokenizer_kv(w, tokenizer, int(config.vocab_size), base_id, chat_template)
 

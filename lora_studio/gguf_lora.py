@@ -137,12 +137,7 @@ def write_gguf_lora(
     # llama.cpp scales by alpha / rank (rank = lora_b's ne[0]): alpha = rank · s keeps the trained scale
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank * scale))
     w.add_name(name)
-    if base_id:
-        w.add_base_model_count(1)
-        w.add_base_model_name(0, base_id)
-    w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])  # fmt: skip
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    gguf_export.add_origin_kv(w, base_id, quant)
     types = []
     for gguf_name, t in planned:
         shape = tuple(t.shape)
