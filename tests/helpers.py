@@ -59,15 +59,15 @@ def fake_checkpoints(run_dir: Path, complete: list[int], cut_short: tuple[int, .
             (folder / "state.json").write_text("{}")
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "condition", context=None):
-    """Poll until predicate() is truthy; on timeout, context() (e.g. the run's status and log) is
-    put in the message, since a CI log is all there is to read afterwards."""
+def wait_for(predicate, timeout: float = 120, what: str = "condition", context=None, every: float = 0.05):
+    """Poll until predicate() is truthy, every `every` s; on timeout, context() (e.g. the run's status
+    and log) is put in the message, since a CI log is all there is to read afterwards."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}" + (f"; {context()}" if context else ""))
 
 

@@ -24,6 +24,7 @@ from gradio_client.exceptions import AppError
 from lora_studio.compare import GenerationSettings
 from lora_studio.runner import Runner
 from tests.hardening.webapp import EXAMPLE, assert_serving, inspect, settings
+from tests.helpers import wait_for
 from tests.ui.conftest import launch_app, stop_app, train_tiny_run
 
 GREEDY = (0.0, 1.0, 10)  # temperature, top_p, max new tokens
@@ -51,16 +52,6 @@ def run_id_of(text: str) -> str:
 def text_of(message: dict) -> str:
     content = message["content"]
     return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-
-
-def wait_for(predicate, timeout: float = 120, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def state_of(app, run_id: str) -> dict:
@@ -106,7 +97,7 @@ def test_visitors_keep_their_own_chats_and_see_the_same_runs(app, tiny_llama_dir
     training = start_long_run(app, trainer, tiny_llama_dir)
     queued = start_long_run(app, waiter, tiny_llama_dir)
     assert state_of(app, queued)["state"] == "queued"
-    wait_for(lambda: state_of(app, training)["state"] == "running" and state_of(app, training).get("step", 0) >= 1)
+    wait_for(lambda: state_of(app, training)["state"] == "running" and state_of(app, training).get("step", 0) >= 1, timeout=120, every=0.2)
 
     plans = {  # visitor -> (run, two messages)
         "c1": ("run-a", ["Say the word fox", "Say the word dog"]),
@@ -174,7 +165,7 @@ def test_visitors_keep_their_own_chats_and_see_the_same_runs(app, tiny_llama_dir
     assert len(list((app.runs_dir / training / "checkpoints").iterdir())) == 1  # one stop, one checkpoint
     states = [table_states(c) for c in (trainer, waiter, *chatters.values(), *views)]
     assert all(s == states[0] for s in states) and states[0][training] == "stopped" and states[0][queued] == "aborted"
-    wait_for(lambda: not alive(run_pids(app, training)), timeout=30)
+    wait_for(lambda: not alive(run_pids(app, training)), timeout=30, every=0.2)
 
 
 def test_two_visitors_blind_votes_stay_their_own(app):
@@ -204,13 +195,13 @@ def test_stop_during_checkpoints_and_delete_of_a_running_run(app, tiny_llama_dir
     owner, other = visitor(app), visitor(app)
     run_id = start_long_run(app, owner, tiny_llama_dir, checkpoint_every=1)
     folder = app.runs_dir / run_id
-    wait_for(lambda: state_of(app, run_id).get("state") == "running" and state_of(app, run_id).get("step", 0) >= 3)
+    wait_for(lambda: state_of(app, run_id).get("state") == "running" and state_of(app, run_id).get("step", 0) >= 3, timeout=120, every=0.2)
     owner.predict(api_name="/stop")
     status = Runner(app.runs_dir).wait(run_id, timeout=120)
     check_stopped(folder, status)
     message = owner.predict(run_id, api_name="/resume")[0]
     assert "resumes" in message
-    wait_for(lambda: state_of(app, run_id).get("state") == "running" and state_of(app, run_id).get("step", 0) >= status["step"] + 3)
+    wait_for(lambda: state_of(app, run_id).get("state") == "running" and state_of(app, run_id).get("step", 0) >= status["step"] + 3, timeout=120, every=0.2)
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     assert steps[: status["step"] + 3] == list(range(1, status["step"] + 4))  # resumed: no step lost or repeated
@@ -222,7 +213,7 @@ def test_stop_during_checkpoints_and_delete_of_a_running_run(app, tiny_llama_dir
     # folder does not come back (a late status write, a heartbeat).
     wait_for(lambda: _try_delete(owner, run_id), timeout=120, every=0.05)
     assert not folder.exists()
-    wait_for(lambda: not alive(pids), timeout=30)
+    wait_for(lambda: not alive(pids), timeout=30, every=0.2)
     time.sleep(2)
     assert not folder.exists() and run_id not in table_states(owner)
     assert_serving(app, owner, tiny_llama_dir)

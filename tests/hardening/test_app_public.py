@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import httpx
@@ -24,6 +23,7 @@ from gradio_client.exceptions import AppError
 
 from tests.hardening.fakehub import FakeHub
 from tests.hardening.webapp import EXAMPLE, inspect, settings, tree
+from tests.helpers import wait_for
 from tests.ui.conftest import launch_app, stop_app, train_tiny_run
 
 PLANTED = "hf_PLANTEDserverSecret0123456789abcdef"
@@ -85,16 +85,6 @@ def status_of(app, run_id: str) -> dict:
     return json.loads((app.runs_dir / run_id / "status.json").read_text())
 
 
-def wait_for(predicate, timeout: float = 180, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 def run_id_of(text: str) -> str:
     return re.search(r"\*\*(\S+): ", text).group(1)
 
@@ -122,11 +112,11 @@ def world(app, tiny_llama_dir):
     ok, text = call(a, *settings(tiny_llama_dir, max_steps=4, checkpoint_every=2, eval_every=0), api_name="/start")
     assert ok, text
     done = run_id_of(json.loads(text)[0])
-    wait_for(lambda: status_of(app, done).get("state") == "done")
+    wait_for(lambda: status_of(app, done).get("state") == "done", timeout=180, every=0.3)
     ok, text = call(a, *settings(tiny_llama_dir, max_steps=5000, checkpoint_every=0, eval_every=0), api_name="/start")
     assert ok, text
     live = run_id_of(json.loads(text)[0])
-    wait_for(lambda: status_of(app, live).get("state") == "running" and status_of(app, live).get("step", 0) >= 1)
+    wait_for(lambda: status_of(app, live).get("state") == "running" and status_of(app, live).get("step", 0) >= 1, timeout=180, every=0.3)
     return {"a": a, "b": b, "done": done, "live": live}
 
 
@@ -190,7 +180,7 @@ def test_b_acting_on_a_runs_gets_the_answer_of_a_run_that_does_not_exist(app, wo
         ok, text = call(b, api_name=f"/{name}")
         assert not ok and "No run to stop" in text
     step = status_of(app, live)["step"]
-    wait_for(lambda: status_of(app, live).get("step", 0) > step, timeout=60)
+    wait_for(lambda: status_of(app, live).get("step", 0) > step, timeout=60, every=0.3)
     assert status_of(app, live)["state"] == "running" and not (app.runs_dir / live / "control.json").exists()
     # A's finished run: not a file changed, created or removed; nothing reached the Hub.
     assert {rid: tree(app.runs_dir / rid) for rid in (done,)} == before
@@ -364,7 +354,7 @@ def test_the_planted_token_appears_in_no_response_file_or_log(app, world, root):
     assert all(SECRET not in text for text in ANSWERS) and len(ANSWERS) > 50
     ok, text = call(a, api_name="/stop")
     assert ok
-    wait_for(lambda: status_of(app, live).get("state") == "stopped", timeout=120)
+    wait_for(lambda: status_of(app, live).get("state") == "stopped", timeout=120, every=0.3)
     page = httpx.get(app.url, timeout=10).text + httpx.get(app.url + "config", timeout=10).text
     assert SECRET not in page
     leaks = []
