@@ -178,8 +178,6 @@ class Runner:
     def resume(self, run_id: str) -> str:
         """Queue a stopped, aborted or failed run to continue from its last checkpoint."""
         run_dir = self.run_dir(run_id)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"no run {run_id!r} under {self.runs_dir}")
         # Under the lock that delete takes: a resume racing a delete either finds the folder
         # gone or queues it whole, never writes a status into a half-removed folder.
         with self._lock():
