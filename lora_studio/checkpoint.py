@@ -19,6 +19,7 @@ short) falls back to the one before it. No checkpoint ever holds NaN or inf weig
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -70,6 +71,14 @@ def write_rank_rng(folder: Path, rank: int, state: dict[str, torch.Tensor]) -> N
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"rng-rank{rank}.safetensors"))
 
 
+def _disk_full(folder: Path) -> bool:
+    """Whether the filesystem holding `folder` has (almost) no space left."""
+    try:
+        return shutil.disk_usage(folder.parent).free < 1 << 20
+    except OSError:
+        return False
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -87,8 +96,12 @@ def save_checkpoint(
         torch.save(optimizer_state, folder / "optimizer.pt")
         (folder / "state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2, sort_keys=True) + "\n")
         _fsync_dir_files(folder)
-    except BaseException:  # disk full, read-only, killed: drop the half-written copy (frees space too)
+    except BaseException as e:  # disk full, read-only, killed: drop the half-written copy (frees space too)
+        # torch.save reports a full disk as a bare "[enforce fail ...] unexpected pos" error: ask the disk
+        full = isinstance(e, Exception) and not isinstance(e, OSError) and _disk_full(folder)
         shutil.rmtree(folder, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device ({e.__class__.__name__}: {e})", f"step-{step:06d}") from e
         raise
     final = run_dir / CHECKPOINTS / f"step-{step:06d}"
     if final.exists():  # the same step saved again (stop right after a periodic save)
