@@ -247,7 +247,7 @@ def check_before_training(cfg: TrainConfig) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lora_studio.runfiles import clear_control, read_status
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     cfg = _resume_config(args) if args.resume else config_from_args(args)
     # A new run gets the Train tab's checks before a run folder exists; not a resume (it passed

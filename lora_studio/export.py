@@ -18,7 +18,7 @@ from typing import Any
 
 from lora_studio.adapters import read_adapter_record
 from lora_studio.methods import REGISTRY
-from lora_studio.train import read_metrics, read_status
+from lora_studio.runfiles import read_metrics, read_status
 from lora_studio.runfiles import atomic_dir
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "lora_studio.json")
@@ -222,13 +222,13 @@ def save_merged(run_dir: str | Path, out_dir: str | Path | None = None, allow_re
 
     A 4-bit (QLoRA) run is merged into the base loaded in full precision, as usual for QLoRA.
     """
-    from lora_studio.train import save_merged as merge_and_save
+    from lora_studio.engine.run import merge_into_base
 
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir else run_dir / "merged"
     model, tokenizer, _ = load_merged(run_dir, allow_remote_code)
     with atomic_dir(out, prefix=".merged-") as tmp:
-        merge_and_save(model, tokenizer, tmp)
+        merge_into_base(model, tokenizer, tmp)
         (tmp / "README.md").write_text(model_card(run_dir, "merged"))
     return out
 

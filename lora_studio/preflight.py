@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from lora_studio.config import TrainConfig
-from lora_studio.memory import MemoryEstimate, estimate
+from lora_studio.engine.memory import MemoryEstimate, estimate
+from lora_studio.engine.plan import make_plan
 
 
 def held_out_count(rows: int, fraction: float) -> int:
@@ -65,7 +66,7 @@ def preflight(
     if rows and not cfg.packing:
         check_batch(cfg.batch_size, rows - held_out_count(rows, cfg.val_fraction))
     try:
-        est = estimate(cfg, seq_len=max_tokens)
+        est = estimate(make_plan(cfg), seq_len=max_tokens)
     except Exception as e:  # noqa: BLE001 - a config or a target the model cannot take; the text says which
         raise ValueError(f"cannot set up {cfg.method} on {cfg.model!r}: {e}") from None
     have = memory_mb if memory_mb is not None else machine_memory_mb(est.device)

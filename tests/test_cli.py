@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from lora_studio import runfiles as rf
-from lora_studio.checkpoint import list_checkpoints
+from lora_studio.engine.checkpoint import list_checkpoints
 from lora_studio.cli import main
 from lora_studio.config import TrainConfig
-from lora_studio.train import train
+from lora_studio.engine.run import train
 
 
 def train_args(model_dir, data, out, *extra) -> list[str]:

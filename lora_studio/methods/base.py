@@ -127,6 +127,9 @@ class Method:
     """Values for unset config fields (rank, alpha, lr, ...) and method options."""
     peft_type: str = "LORA"
     """`LORA` or `VERA`: the peft config class the exported adapter maps to."""
+    writes_base: bool = False
+    """True where training changes the frozen base weight too (Delta-LoRA's after-step rule): the
+    base then stays in full precision, and checkpoints save it."""
     supports_4bit: bool = True
     """False where the method must write the base weight (Delta-LoRA)."""
     why_not_4bit: str = ""
@@ -137,6 +140,11 @@ class Method:
     """(model, cfg) -> optimizer; None means AdamW over the trainable parameters."""
     after_step: Callable[..., None] | None = None
     """(model, cfg, step) run after every optimizer step."""
+    keeps_layer_input: bool = True
+    """Memory estimate: False where backward needs no adapted layer's input (LoRA-FA: A is frozen)."""
+    saved_per_linear: Callable[[int, int], int] = lambda rank, d_out: rank
+    """Memory estimate: (rank, d_out) -> elements per token the adapter saves for backward per
+    adapted linear, besides the layer input (LoRA: x·Aᵀ, r of them)."""
     init_changes_base: bool = False
     """True where the adapted model differs from the base at step 0 by design."""
     uses_lr_ratio: bool = False
@@ -155,6 +163,13 @@ class Method:
         """A method option: `cfg.method_options[key]`, else this method's default."""
         options = getattr(cfg, "method_options", None) or {}
         return options[key] if key in options else self.defaults[key]
+
+    def make_optimizer(self, model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+        """This method's optimizer: its own `build_optimizer`, else AdamW over the trainable parameters."""
+        if self.build_optimizer is not None:
+            return self.build_optimizer(model, cfg)
+        params = list(trainable_parameters(model).values())
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     @property
     def option_names(self) -> list[str]:

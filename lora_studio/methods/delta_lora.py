@@ -171,6 +171,7 @@ DELTA_LORA = Method(
     hook="after-step",
     build_layer=build_delta_lora,
     defaults={"rank": 16, "dropout": 0.0, "lr": 2e-4, "lr_ratio": 1.0, "lambda": 2.0, "start_step": None},
+    writes_base=True,
     supports_4bit=False,
     why_not_4bit=(
         "it adds λ·s·Δ(BA) to the base weight W after every step, and an NF4 weight cannot take such small "

@@ -129,4 +129,5 @@ LORA_FA = Method(
     defaults={"rank": 16, "dropout": 0.0, "lr": 2e-4, "lr_ratio": 1.0, "projected_gradient": False},
     build_optimizer=build_lora_fa_optimizer,
     check=check_lora_fa,
+    keeps_layer_input=False,
 )

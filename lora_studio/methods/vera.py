@@ -179,4 +179,5 @@ VERA = Method(
     export_state=export_vera_state,
     export_config=export_vera_config,
     import_state=import_vera_state,
+    saved_per_linear=lambda rank, d_out: 2 * rank + d_out,  # x·Aᵀ, λ_d-scaled, and B·(...) before λ_b
 )

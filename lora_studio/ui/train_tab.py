@@ -180,10 +180,12 @@ def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> 
 def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
     import torch
 
-    from lora_studio.memory import estimate
+    from lora_studio.engine.memory import estimate
+    from lora_studio.engine.plan import make_plan
 
-    cfg = cfg.resolved()
-    est = estimate(cfg, seq_len=seq_len)
+    plan = make_plan(cfg)
+    cfg = plan.cfg
+    est = estimate(plan, seq_len=seq_len)
     share = 100.0 * est.trainable_params / max(1, est.total_params)
     text = (
         f"**Before you start** · trainable parameters: **{est.trainable_params:,}** of {est.total_params:,} "

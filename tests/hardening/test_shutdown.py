@@ -15,7 +15,7 @@ import textwrap
 import threading
 
 from lora_studio import runfiles as rf
-from lora_studio.checkpoint import latest_checkpoint
+from lora_studio.engine.checkpoint import latest_checkpoint
 from lora_studio.config import TrainConfig
 from lora_studio.runner import Runner, pid_alive
 from tests.helpers import kill_run_processes, run_pids, wait_for

@@ -8,7 +8,7 @@ import torch
 from lora_studio.adapters import load_adapter, save_adapter
 from lora_studio.methods import REGISTRY, adapter_layers, disable_adapter, get_method, merge_adapters
 from lora_studio.models import load_model
-from lora_studio.train import build_optimizer
+from lora_studio.methods import get_method
 from tests.helpers import adapted, logits, perturb, sample_ids
 
 METHODS = list(REGISTRY)
@@ -34,7 +34,7 @@ def test_step_changes_only_the_adapter(method, tiny_model_dir):
     model, cfg = adapted(tiny_model_dir, method, **_options(method))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     model.train()
     ids = sample_ids(model.config.vocab_size, batch=4, length=16)
@@ -111,7 +111,7 @@ def test_trains_end_to_end(method, tiny_llama_dir, train_file, tmp_path):
     import math
 
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     cfg = TrainConfig(
         data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir, method=method,
@@ -133,7 +133,7 @@ def test_trains_end_to_end(method, tiny_llama_dir, train_file, tmp_path):
 
 def test_unknown_option_fails_the_run_up_front(tiny_llama_dir, train_file, tmp_path):
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     cfg = TrainConfig(data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir, method="vera",
                       method_options={"d_inital": 0.5}, max_steps=1)

@@ -160,7 +160,7 @@ def test_batch_on_the_runs_validation_rows(client, ui_runs_dir, tiny_llama_dir):
     import random
 
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
     from tests.conftest import format_rows, write_jsonl
 
     rows = [{**r, "instruction": f"{r['instruction']} ({i})"} for i, r in enumerate(format_rows(16))]

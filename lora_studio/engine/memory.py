@@ -42,16 +42,19 @@ them; LoRA r=16 on every linear, fp32, CPU):
 from __future__ import annotations
 
 import dataclasses
-import math
+import resource
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lora_studio.config import TrainConfig
-from lora_studio.precision import resolve_precision
-from lora_studio.speed import LOSS_CHUNK_BYTES
+from lora_studio.engine.plan import Plan
+from lora_studio.engine.speed import LOSS_CHUNK_BYTES
+from lora_studio.methods import Method
 
 MB = 2**20
 CPU_RUNTIME_MB = 400.0
@@ -169,7 +172,7 @@ def _input_group(name: str, d_in: int, arch: Arch) -> str:
 
 
 def activation_elements_per_token(
-    arch: Arch, layer_linears: list[AdaptedLinear], method: str, rank: int, dropout: float, seq_len: int, device: str
+    arch: Arch, layer_linears: list[AdaptedLinear], method: Method, rank: int, dropout: float, seq_len: int, device: str
 ) -> float:
     """Elements autograd saves per token for one block (see the module docstring)."""
     h, kv, n, i = arch.hidden, arch.kv_dim, arch.heads, arch.intermediate
@@ -186,28 +189,27 @@ def activation_elements_per_token(
             base += 2 * h
     sizes = {"attn_in": h, "attn_out": 0, "mlp_in": h, "mlp_mid": i}
     groups = {_input_group(lin.name, lin.d_in, arch) for lin in layer_linears}
-    keeps_input = method != "lora-fa"
+    keeps_input = method.keeps_layer_input
     adapter = sum(sizes[g] for g in groups) if keeps_input else 0
     for lin in layer_linears:
-        adapter += rank if method != "vera" else 2 * rank + lin.d_out
-        if method == "dora":
-            adapter += 2 * lin.d_out
+        adapter += method.saved_per_linear(rank, lin.d_out)
         if dropout > 0 and keeps_input:
             adapter += lin.d_in * 1.25  # the dropped copy (fp32) and its bool mask
     return base + adapter
 
 
-def _build_meta(cfg: TrainConfig) -> nn.Module:
+def _build_meta(plan: Plan) -> nn.Module:
     """The model with its adapter, on the meta device: shapes and counts, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_studio.methods import get_method, inject_adapters
+    from lora_studio.methods import inject_adapters
     from lora_studio.models import resolve_model_path
 
+    cfg = plan.cfg
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        inject_adapters(model, get_method(cfg.method), cfg)
+        inject_adapters(model, plan.method, cfg)
     return model
 
 
@@ -246,15 +248,13 @@ def _weight_bytes(model: nn.Module, cfg: TrainConfig, base_dtype: torch.dtype, l
 
 
 def estimate(
-    cfg: TrainConfig,
+    plan: Plan,
     *,
     seq_len: int | None = None,
     trained_tokens: int | None = None,
-    device: str | torch.device | None = None,
-    world: int = 1,
     model: nn.Module | None = None,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of training `cfg` (see the module docstring for the parts).
+    """Estimate the peak memory of training `plan` (see the module docstring for the parts).
 
     `seq_len` is the padded length of the largest batch (default `max_seq_len`, the worst
     case); `trained_tokens` the positions with a loss in that micro-batch (default: half of
@@ -262,20 +262,19 @@ def estimate(
     """
     from lora_studio.methods import count_parameters
 
-    cfg = cfg.resolved()
-    device_t = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    built = model if model is not None else _build_meta(cfg)
+    cfg, device_t = plan.cfg, plan.device
+    built = model if model is not None else _build_meta(plan)
     arch = Arch.from_config(built.config)
     linears = _adapted_linears(built)
     trainable, total = count_parameters(built)
-    autocast, base_dtype = resolve_precision(cfg, device_t)
+    autocast, base_dtype = plan.autocast_dtype, plan.base_dtype
     seq = min(seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    micro = max(1, math.ceil(cfg.batch_size / (cfg.grad_accum_steps * max(1, world))))
+    micro = plan.micro_batch
     tokens = micro * seq
     trained = trained_tokens if trained_tokens is not None else tokens // 2
     elem = 2 if autocast is not None else 4
     per_block = activation_elements_per_token(
-        arch, _first_block(linears, arch.layers), cfg.method, cfg.rank, cfg.dropout, seq, device_t.type
+        arch, _first_block(linears, arch.layers), plan.method, cfg.rank, cfg.dropout, seq, device_t.type
     )
     notes = []
     if cfg.gradient_checkpointing:
@@ -317,12 +316,41 @@ def estimate(
     )
 
 
-def estimate_for_examples(
-    cfg: TrainConfig, model: nn.Module, examples: list[Any], device: torch.device, world: int = 1
-) -> MemoryEstimate:
+def estimate_for_examples(plan: Plan, model: nn.Module, examples: list[Any]) -> MemoryEstimate:
     """The estimate for the largest micro-batch of this data (the loop groups by length)."""
-    micro = max(1, math.ceil(cfg.batch_size / (cfg.grad_accum_steps * max(1, world))))
-    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:micro]
-    seq = len(longest[0].input_ids) if longest else cfg.max_seq_len
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[: plan.micro_batch]
+    seq = len(longest[0].input_ids) if longest else plan.cfg.max_seq_len
     trained = sum(sum(1 for t in e.labels[1:] if t != -100) for e in longest)
-    return estimate(cfg, seq_len=seq, trained_tokens=trained, device=device, world=world, model=model)
+    return estimate(plan, seq_len=seq, trained_tokens=trained, model=model)
+
+
+# ---------------------------------------------------------------- measured during a run
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (MiB).
+
+    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a worker spawned by
+    a large app process would report the app's size as its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Process RSS now and at peak (MiB); CUDA allocated/reserved/peak where there is a GPU."""
+    import psutil
+
+    stats = {"rss_mb": psutil.Process().memory_info().rss / 2**20, "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        stats.update(
+            cuda_allocated_mb=torch.cuda.memory_allocated(device) / 2**20,
+            cuda_reserved_mb=torch.cuda.memory_reserved(device) / 2**20,
+            cuda_peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+        )
+    return stats
