@@ -18,15 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CLI_RUNS = {  # name: extra CLI flags (the CLI's files and flags must stay the same too)
-    "lora": ["--method", "lora", "--dropout", "0.1", "--eval-every", "2"],
+    "lora": ["--method", "lora", "--dropout", "0.1", "--eval-every", "2", "--val-fraction", "0.2"],
     "lora-accum": ["--method", "lora", "--grad-accum-steps", "2"],
 }
 METHODS = ["dora", "vera", "delta-lora", "lora-fa", "lora-plus", "lora-pro"]  # the engine's train() in-process
 
 
 def _train():
-    from lora_studio.engine.run import train
-
+    try:
+        from lora_studio.engine.run import train
+    except ImportError:  # the tree before the engine package (the "before" of docs/architecture.md)
+        from lora_studio.train import train
     return train
 
 
@@ -42,11 +44,11 @@ def main(out: str) -> None:
     tok.save_pretrained(model_dir)
     data = write_jsonl(work / "train.jsonl", format_rows(24))
     result = {}
-    common = dict(data=str(data), model=str(model_dir), rank=4, batch_size=5, max_steps=6, precision="fp32", seed=0, lr=0.01)
+    common = dict(data=str(data), model=str(model_dir), rank=4, batch_size=5, epochs=2, precision="fp32", seed=0, lr=0.01)
     for name, flags in CLI_RUNS.items():
         run = work / name
         cmd = [sys.executable, "-m", "lora_studio", "train", "--data", str(data), "--out", str(run),
-               "--model", str(model_dir), "--rank", "4", "--batch-size", "5", "--max-steps", "6",
+               "--model", str(model_dir), "--rank", "4", "--batch-size", "5", "--epochs", "2",
                "--precision", "fp32", "--seed", "0", "--lr", "0.01", *flags]  # fmt: skip
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -60,7 +62,7 @@ def main(out: str) -> None:
 
     for name in METHODS:
         run = work / name
-        status = _train()(TrainConfig(out=str(run), method=name, **common))
+        status = _train()(TrainConfig(out=str(run), method=name, val_fraction=0.2, **common))
         assert status["state"] == "done", status
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         result[name] = {"loss": [r["loss"] for r in rows], "eval_loss": [r["eval_loss"] for r in rows if "eval_loss" in r],
