@@ -130,7 +130,7 @@ class TrainConfig:
         method = get_method(self.method)
         cfg = dataclasses.replace(self, method_options=dict(self.method_options))
         for name, value in method.defaults.items():
-            if name in {"rank", "alpha", "dropout", "lr", "lr_ratio"}:
+            if name in FIELD_NAMES:  # a default for a config field; any other key is a method option
                 if getattr(cfg, name) is None:
                     setattr(cfg, name, value)
             else:
@@ -204,3 +204,7 @@ class TrainConfig:
                 problems.append(f"{name} looks like an access token; tokens go in HF_TOKEN, never in run settings")
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+"""TrainConfig's fields: a method default under one of these names fills that field."""

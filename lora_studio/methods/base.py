@@ -127,6 +127,11 @@ class Method:
     """Values for unset config fields (rank, alpha, lr, ...) and method options."""
     peft_type: str = "LORA"
     """`LORA` or `VERA`: the peft config class the exported adapter maps to."""
+    peft_fields: dict[str, Any] = field(default_factory=dict)
+    """adapter_config.json fields that mark this method in PEFT's format (DoRA: `use_dora: true`);
+    a foreign adapter whose config holds them is read as this method."""
+    peft_settings: Callable[[dict], dict] | None = None
+    """(adapter_config) -> our settings, for a foreign peft adapter; None: LoRA's (r, lora_alpha, use_rslora)."""
     writes_base: bool = False
     """True where training changes the frozen base weight too (Delta-LoRA's after-step rule): the
     base then stays in full precision, and checkpoints save it."""
@@ -173,11 +178,27 @@ class Method:
 
     @property
     def option_names(self) -> list[str]:
-        return sorted(k for k in self.defaults if k not in CONFIG_FIELDS)
+        """Default keys that are method options: every key that is not a TrainConfig field."""
+        from lora_studio.config import FIELD_NAMES
 
+        return sorted(k for k in self.defaults if k not in FIELD_NAMES)
 
-CONFIG_FIELDS = frozenset({"rank", "alpha", "dropout", "lr", "lr_ratio"})
-"""Method defaults that fill TrainConfig fields; every other default key is a method option."""
+    @property
+    def plain_lora(self) -> bool:
+        """Whether the exported adapter is a plain peft LoRA, W + s·B·A (what llama.cpp's GGUF LoRA holds)."""
+        return self.peft_type == "LORA" and not self.peft_fields
+
+    def settings_from_peft(self, config: dict) -> dict:
+        """Our settings for a foreign peft adapter of this method, from its adapter_config.json."""
+        if self.peft_settings is not None:
+            return {"method": self.name, **self.peft_settings(config)}
+        return {
+            "method": self.name,
+            "rank": config["r"],
+            "alpha": config.get("lora_alpha", config["r"]),
+            "dropout": 0.0,
+            "use_rslora": bool(config.get("use_rslora")),
+        }
 
 
 def check_config(method: Method, cfg: Any) -> None:

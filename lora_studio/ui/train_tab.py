@@ -38,9 +38,12 @@ def method_line(name: str) -> str:
     return f"**{m.title}**: {m.summary} *({m.paper})*"
 
 
+DEFAULT_METHOD = TrainConfig().method
+
+
 def _uses_lr_ratio(name: str) -> bool:
     m = get_method(name)
-    return bool(getattr(m, "uses_lr_ratio", m.name == "lora-plus"))
+    return m.uses_lr_ratio
 
 
 def method_defaults(name: str) -> tuple[Any, ...]:
@@ -208,15 +211,15 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             quantize = gr.Checkbox(label="4-bit base (QLoRA; needs a CUDA GPU)", value=False, elem_id="quantize")
         with gr.Row():
             method = gr.Dropdown(
-                label="Method", choices=[(m.title, m.name) for m in REGISTRY.values()], value="lora", elem_id="method"
+                label="Method", choices=[(m.title, m.name) for m in REGISTRY.values()], value=DEFAULT_METHOD, elem_id="method"
             )
-            method_info = gr.Markdown(method_line("lora"), elem_id="method-summary")
+            method_info = gr.Markdown(method_line(DEFAULT_METHOD), elem_id="method-summary")
         with gr.Row():
             rank = gr.Number(label="Rank r", value=defaults.rank, precision=0, elem_id="rank")
             alpha = gr.Number(label="Alpha (scale = alpha / r)", value=defaults.alpha, elem_id="alpha")
             lr = gr.Number(label="Learning rate", value=defaults.lr, elem_id="lr")
             lr_ratio = gr.Number(
-                label="LR ratio ηB/ηA (LoRA+)", value=1.0, interactive=_uses_lr_ratio("lora"), elem_id="lr-ratio"
+                label="LR ratio ηB/ηA (LoRA+)", value=1.0, interactive=_uses_lr_ratio(DEFAULT_METHOD), elem_id="lr-ratio"
             )
         with gr.Row():
             epochs = gr.Number(label="Epochs", value=1.0, elem_id="epochs")

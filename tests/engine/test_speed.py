@@ -16,7 +16,7 @@ from lora_studio.engine.loop import prepare
 from lora_studio.engine.plan import make_plan
 from lora_studio.config import TrainConfig
 from lora_studio.data import IGNORE_INDEX
-from lora_studio.methods import get_method, inject_adapters, trainable_parameters
+from lora_studio.methods import REGISTRY, get_method, inject_adapters, trainable_parameters
 from lora_studio.models import load_model
 from lora_studio.engine.loss import causal_lm_loss
 from tests.helpers import perturb
@@ -229,7 +229,8 @@ def test_prepare_stores_bf16_linears_only_where_that_changes_nothing(tiny_llama_
     assert linear_dtypes(precision="bf16") == {torch.bfloat16}
     assert linear_dtypes(precision="fp32") == {torch.float32}
     assert linear_dtypes(precision="bf16", merge=True) == {torch.float32}  # the merge needs the exact base
-    assert linear_dtypes(precision="bf16", method="delta-lora") == {torch.float32}  # it writes W0
+    writes_base = next(name for name, m in REGISTRY.items() if m.writes_base)  # Delta-LoRA
+    assert linear_dtypes(precision="bf16", method=writes_base) == {torch.float32}  # it writes W0
 
 
 def test_rows_longer_than_a_sliding_window_are_not_packed(tiny_llama_dir, monkeypatch):

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from lora_studio.adapters import load_adapter, save_adapter
-from lora_studio.methods import adapter_layers, get_method, inject_adapters
+from lora_studio.methods import REGISTRY, adapter_layers, get_method, inject_adapters
 from lora_studio.methods.base import base_weight
 from lora_studio.models import load_model
-from lora_studio.methods import get_method
 from tests.helpers import logits, method_cfg, perturb, sample_ids
 
 
@@ -32,7 +31,7 @@ def _bnb_cpu_problem() -> str | None:
 PROBLEM = _bnb_cpu_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
-FOUR_BIT_METHODS = ["lora", "lora-fa", "lora-plus", "lora-pro", "dora", "vera"]
+FOUR_BIT_METHODS = [name for name, m in REGISTRY.items() if m.supports_4bit]  # all but Delta-LoRA
 
 
 def _four_bit(model_dir: str, method: str, **overrides):
