@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push ...` (headless, same engine as the UI;
+"""Command line: `python -m lora_studio train|compare|evaluate|bakeoff|inspect|runs|export|push ...` (headless, same engine as the UI;
 the benchmark is `python -m benchmarks`, outside the runtime package)."""
 
 from __future__ import annotations
@@ -119,6 +119,16 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, help="0 = greedy; default: the run's saved setting (greedy)")
     p.add_argument("--top-p", type=float, dest="top_p", help="default: the run's saved setting (1.0)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score the base and the tuned model's greedy replies against references")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", required=True, help="rows with a prompt and a reference reply, in any training format")
+    p.add_argument("--out", required=True, help="summary JSON to write; the per-row replies go beside it (.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="default: the run's saved setting")
+    p.add_argument("--batch-size", type=int, default=8, dest="batch_size", help="prompts generated at once (default 8)")
+    _data_format_args(p)
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -313,6 +323,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lora_studio.evaluate import evaluate_run, reference_rows
+
+    rows = reference_rows(args.data, args.format, args.columns)
+    summary = evaluate_run(args.run, rows, args.out, args.max_new_tokens, batch_size=args.batch_size)
+    for who in ("base", "tuned"):
+        s = summary[who]
+        print(f"{who:<5}  exact {s['exact_match']:.3f}  f1 {s['f1']:.3f}  rougeL {s['rougeL']:.3f}")
+    print(f"{summary['n']} rows; replies in {summary['replies']}, summary in {args.out}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lora_studio.export import export_run
 
@@ -369,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _compare_parser(sub)
+    _evaluate_parser(sub)
     _inspect_parser(sub)
     _runs_parser(sub)
     _export_parser(sub)
@@ -376,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    commands = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, "runs": cmd_runs,
+    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "runs": cmd_runs,
                 "export": cmd_export, "push": cmd_push}  # fmt: skip
     if args.command not in commands:
         parser.error(f"unknown command {args.command}")
