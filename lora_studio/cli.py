@@ -18,11 +18,29 @@ from lora_studio.redact import redact
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model on an instruction file")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
+    _train_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
+    p.add_argument(
+        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
+    )
+
+
+def _bakeoff_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bakeoff", help="train several methods on the same data and budget, score and rank them")
+    p.add_argument("--methods", required=True, help=f"comma-separated, from {','.join(REGISTRY)}")
+    p.add_argument("--out", required=True, help="bake-off folder: runs/, scores/, leaderboard.csv/.md, loss.png")
+    p.add_argument("--test", help="rows with a prompt and a reference to score on (default: the held-out split)")
+    p.add_argument("--max-new-tokens", type=int, default=64, dest="max_new_tokens", help="reply length when scoring")
+    _train_flags(p)
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """The training settings `train` and `bakeoff` share (the bake-off gives every method the same)."""
     p.add_argument("--config", help="a config.json from an earlier run (flags given override it)")
     p.add_argument("--data", help="training data: JSONL/JSON/CSV/TSV/Parquet file or Hub owner/name[:config][@split]")
-    p.add_argument("--out", help="run folder to write")
     p.add_argument("--model", help="bundled, a Hub id, or a local folder (default bundled)")
-    p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--dropout", type=float)
@@ -67,10 +85,6 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "--report-to", choices=["trackio", "tensorboard", "wandb"], dest="report_to",
         help="also send the metrics to this tracker (its pip package must be installed; default: none)",
     )  # fmt: skip
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
-    p.add_argument(
-        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
-    )
 
 
 def _runs_parser(sub: argparse._SubParsersAction) -> None:
@@ -335,6 +349,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bakeoff(args: argparse.Namespace) -> int:
+    import time
+
+    from lora_studio import bakeoff
+    from lora_studio.runner import Runner
+
+    cfg = config_from_args(args)  # the shared settings; each run gets its own folder under OUT/runs
+    out = Path(args.out)
+    runner = Runner(out / "runs")
+    bakeoff.create(out, cfg, args.methods, test=args.test, max_new_tokens=args.max_new_tokens)
+    seen: dict[str, str] = {}
+    try:
+        while True:
+            state = bakeoff.advance(out, runner)
+            for item in state["queue"]:
+                if seen.get(item["method"]) != item["state"]:
+                    seen[item["method"]] = item["state"]
+                    print(f"{item['method']:<11} {item['state']:<9} {item['run']}", flush=True)
+            if state["finished"]:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for item in state["queue"]:
+            if item["run"] and item["state"] in ("queued", "starting", "running"):
+                runner.stop(item["run"], save=True)
+        print("bake-off interrupted: the active run was asked to stop", file=sys.stderr)
+        return 130
+    print((out / "leaderboard.md").read_text(), end="")
+    print(f"leaderboard in {out / 'leaderboard.csv'}, loss curves in {out / 'loss.png'}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lora_studio.export import export_run
 
@@ -392,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _compare_parser(sub)
     _evaluate_parser(sub)
+    _bakeoff_parser(sub)
     _inspect_parser(sub)
     _runs_parser(sub)
     _export_parser(sub)
@@ -399,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "runs": cmd_runs,
+    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "bakeoff": cmd_bakeoff, "inspect": cmd_inspect, "runs": cmd_runs,
                 "export": cmd_export, "push": cmd_push}  # fmt: skip
     if args.command not in commands:
         parser.error(f"unknown command {args.command}")
