@@ -69,6 +69,8 @@ def create(
         method_config(shared, name).resolved()  # raises naming the field
     if test:
         test = str(Path(test).resolve()) if Path(test).exists() else test
+        if cfg.early_stop and not cfg.test_data:
+            shared["test_data"] = test  # early stopping on the score the leaderboard ranks by
         reference_rows(test, cfg.format, cfg.columns)  # a bad test file fails now, not after training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,13 +184,15 @@ def leaderboard(out_dir: str | Path, runner: Any) -> list[dict[str, Any]]:
         if run_id:
             st = _status(runner, run_id)
             metrics = rf.read_metrics(runner.run_dir(run_id)) if runner.run_dir(run_id).exists() else []
-            evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+            # the eval loss of the adapter kept: the best evaluation's when early stopping kept one
+            evals = {m["step"]: m["eval_loss"] for m in metrics if "eval_loss" in m}
+            kept = st.get("best_step") if st.get("best_step") in evals else max(evals, default=None)
             train_s = metrics[-1]["elapsed_s"] if metrics else None
             tokens = sum(m.get("tokens", 0) for m in metrics)
             peaks = [m.get("cuda_peak_mb") or m.get("peak_rss_mb") for m in metrics]
             row.update(
                 state=st.get("state"), note=st.get("error") or st.get("stop_reason") or "",
-                eval_loss=st.get("best_eval_loss", min(evals) if evals else None), train_s=train_s,
+                eval_loss=evals.get(kept), train_s=train_s,
                 tokens_per_s=tokens / train_s if train_s else None, peak_mb=max((p for p in peaks if p), default=None),
                 trainable_params=st.get("trainable_params"),
             )  # fmt: skip

@@ -81,6 +81,14 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (pays on long GPU runs only)")
+    p.add_argument("--probe", action="append", default=[], metavar="TEXT", help="a prompt answered at each evaluation (repeatable)")
+    p.add_argument("--probes", dest="probes_file", metavar="FILE", help="probe prompts: JSONL with a prompt field, or one per line")
+    p.add_argument("--probe-max-new-tokens", type=int, dest="probe_max_new_tokens")
+    p.add_argument(
+        "--early-stop", type=int, dest="early_stop", metavar="PATIENCE",
+        help="stop after PATIENCE evaluations without a better eval loss (or test ROUGE-L with --test-data); keeps the best",
+    )  # fmt: skip
+    p.add_argument("--test-data", dest="test_data", help="prompts with references: early stopping watches their ROUGE-L")
     p.add_argument(
         "--report-to", choices=["trackio", "tensorboard", "wandb"], dest="report_to",
         help="also send the metrics to this tracker (its pip package must be installed; default: none)",
@@ -183,7 +191,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = TrainConfig.load(args.config).to_dict() if args.config else {}
     except (ValueError, TypeError) as e:  # binary junk, not JSON, not an object
         raise ValueError(f"--config {args.config}: not a LoRA Studio config.json ({e})") from None
-    names = set(TrainConfig.__dataclass_fields__) - {"method_options"}
+    names = set(TrainConfig.__dataclass_fields__) - {"method_options", "probes"}
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
@@ -191,6 +199,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     options = dict(base.get("method_options") or {})
     options.update(_parse_option(o) for o in args.option)
     base["method_options"] = options
+    probes = list(getattr(args, "probe", None) or [])
+    if getattr(args, "probes_file", None):
+        from lora_studio.compare import read_prompts
+
+        probes += read_prompts(args.probes_file)
+    if probes:
+        base["probes"] = probes
     cfg = TrainConfig.from_dict(base)
     if not cfg.data or not cfg.out:
         raise SystemExit("train needs --data and --out (or a --config that has them)")
@@ -200,7 +215,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _resume_config(args: argparse.Namespace) -> TrainConfig:
     """The run's own config: a resume continues exactly the run that was started."""
     given = [n for n in TrainConfig.__dataclass_fields__ if getattr(args, n, None) not in (None, [])]
-    if args.config or given or args.option:
+    if args.config or given or args.option or args.probe or args.probes_file:
         raise SystemExit("--resume continues a run as it was configured; drop the other training flags")
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").exists():

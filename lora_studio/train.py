@@ -71,6 +71,7 @@ from lora_studio.methods import count_parameters, get_method, inject_adapters, m
 from lora_studio.memory import estimate_for_examples
 from lora_studio.methods.base import check_config
 from lora_studio.models import base_model_id, load_model, load_tokenizer
+from lora_studio.probes import EvalWatch
 from lora_studio.precision import resolve_precision, stores_frozen_linears_in_bf16
 from lora_studio.preflight import check_batch
 from lora_studio.runfiles import (  # noqa: F401  (re-exported: older callers import them from here)
@@ -678,8 +679,11 @@ def _run(
     session_start, session_first_step = time.perf_counter(), pos.step
     elapsed_before = pos.elapsed_s
     final = "done"
+    # Issue 17 hook (1/3): probe answers and early stopping at each evaluation, rank 0 (lora_studio/probes.py).
+    watch = EvalWatch(cfg, run_dir, loop.model, loop.tokenizer, loop.method, loop._autocast) if env.main else None
+    early_stop_step = None
     loop.model.train()
-    while pos.step < loop.total_steps and final == "done":
+    while pos.step < loop.total_steps and final == "done" and early_stop_step is None:
         if pos.batch_in_epoch == 0:
             loop.epoch_start_state = loop.generator.get_state()
         batches = length_grouped_batches(loop.lengths, cfg.batch_size, loop.generator)
@@ -709,6 +713,9 @@ def _run(
                 eval_loss = loop.evaluate()
                 if eval_loss is not None:
                     row["eval_loss"] = eval_loss
+                # Issue 17 hook (2/3): rank 0 decides, every rank leaves together.
+                if loop._from_main(int(watch.after_eval(pos.step, row) if watch is not None else 0)):
+                    early_stop_step = pos.step
             if env.main:  # the row goes first: a resume truncates rows past its checkpoint
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
@@ -720,6 +727,8 @@ def _run(
                 write_status(run_dir, "running", **status)
                 if on_step is not None:
                     on_step(row)
+            if early_stop_step is not None:
+                break
             if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.step < loop.total_steps:
                 loop.save_checkpoint()
         if pos.batch_in_epoch >= len(batches):
@@ -732,10 +741,16 @@ def _run(
         return read_status(run_dir) if env.main else {}
     if final == "stopped" and pos.step > loop.last_checkpoint and pos.step > 0:
         loop.save_checkpoint()
+    # Issue 17 hook (3/3): the best evaluation's weights are the adapter saved; the status says why it stopped.
+    fields: dict[str, Any] = {"step": pos.step, "finished_at": time.time()}
+    best_step = watch.restore_best() if watch is not None and final == "done" else None
+    if best_step is not None:
+        fields.update(best_step=best_step, best_value=watch.stopper.best, watched=watch.metric)
+        if early_stop_step is not None:
+            fields["stop_reason"] = watch.stop_reason(early_stop_step)
     if env.main and pos.step > 0:
-        _save_outputs(loop, pos.step)
+        _save_outputs(loop, best_step or pos.step)
     if env.main:
-        fields: dict[str, Any] = {"step": pos.step, "finished_at": time.time()}
         if pos.step > 0:
             fields["adapter"] = str(run_dir / "adapter")
         write_status(run_dir, final, **fields)
