@@ -37,6 +37,11 @@ DEFAULT_VAL_FRACTION = 0.2
 _PER_METHOD = ("rank", "alpha", "dropout", "lr", "lr_ratio")
 
 
+def new_id() -> str:
+    """bkYYYYMMDD-HHMMSS-xxxx: sorts by time, and names its runs <id>-<method>."""
+    return f"bk{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
 def parse_methods(methods: str | list[str]) -> list[str]:
     names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m and m.strip()]
     unknown = [m for m in names if m not in REGISTRY]
@@ -55,7 +60,7 @@ def method_config(shared: dict[str, Any], method: str) -> TrainConfig:
 
 def create(
     out_dir: str | Path, cfg: TrainConfig, methods: str | list[str], test: str | None = None, owner: str | None = None,
-    max_new_tokens: int = 64, max_wall_s: float | None = None,
+    max_new_tokens: int = 64, max_wall_s: float | None = None, bk_id: str | None = None,
 ) -> dict[str, Any]:
     """Write a new bake-off's plan into `out_dir` (nothing is started: `advance` does that).
     Every method's settings are checked first, so a bad one is refused before any run."""
@@ -77,7 +82,7 @@ def create(
     if (out / BAKEOFF_FILE).exists():
         raise ValueError(f"{out} already holds a bake-off; choose another folder")
     spec = {
-        "id": f"bk{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}", "methods": names, "config": shared,
+        "id": bk_id or new_id(), "methods": names, "config": shared,
         "test": test, "owner": owner, "max_new_tokens": max_new_tokens, "max_wall_s": max_wall_s,
         "runs": {}, "created_at": time.time(),
     }  # fmt: skip
@@ -117,7 +122,7 @@ def advance(out_dir: str | Path, runner: Any, can_start: Any = None) -> dict[str
             for method in spec["methods"]:
                 run_id = spec["runs"].get(method)
                 if run_id is None:
-                    if can_start is None or can_start():
+                    if not spec.get("cancelled") and (can_start is None or can_start()):
                         cfg = method_config(spec["config"], method)
                         spec["runs"][method] = runner.start(
                             cfg, run_id=f"{spec['id']}-{method}", owner=spec.get("owner"), max_wall_s=spec.get("max_wall_s")
@@ -167,10 +172,29 @@ def progress(out_dir: str | Path, runner: Any) -> dict[str, Any]:
         run_id = spec["runs"].get(method)
         state = _status(runner, run_id).get("state") if run_id else "waiting"
         scored = (out / "scores" / f"{method}.json").exists()
-        if state not in rf.FINAL_STATES or (state in (rf.DONE, rf.STOPPED) and not scored):
+        if (state not in rf.FINAL_STATES and not (state == "waiting" and spec.get("cancelled"))) or (
+            state in (rf.DONE, rf.STOPPED) and not scored
+        ):
             finished = False
         queue.append({"method": method, "run": run_id or "", "state": state if state not in (rf.DONE, rf.STOPPED) or scored else "scoring"})
-    return {"id": spec["id"], "owner": spec.get("owner"), "queue": queue, "rows": leaderboard(out, runner), "finished": finished}
+    return {"id": spec["id"], "owner": spec.get("owner"), "queue": queue, "rows": leaderboard(out, runner),
+            "finished": finished, "cancelled": bool(spec.get("cancelled"))}  # fmt: skip
+
+
+def cancel(out_dir: str | Path, runner: Any) -> None:
+    """Start no further method and stop the active run (it keeps its adapter and is scored)."""
+    out = Path(out_dir)
+    with open(out / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # not while advance() is starting the next run
+        try:
+            spec = load(out)
+            spec["cancelled"] = True
+            rf.write_json_atomic(out / BAKEOFF_FILE, spec)
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    for run_id in spec["runs"].values():
+        if _status(runner, run_id).get("state") in (rf.QUEUED, *rf.ACTIVE_STATES):
+            runner.stop(run_id, save=True)
 
 
 def leaderboard(out_dir: str | Path, runner: Any) -> list[dict[str, Any]]:

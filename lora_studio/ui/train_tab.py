@@ -395,4 +395,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     # The Runs tab points the view at another run (resume, show) through these.
     view.switch_to = switch_to  # type: ignore[attr-defined]
     view.outputs = outputs  # type: ignore[attr-defined]
+    # The Runs tab's bake-off trains with these same settings: config_of(selection, *widget values).
+    view.config_inputs = [selection, *widgets]  # type: ignore[attr-defined]
+    view.config_of = lambda sel, *args: build_config(values_of(args), sel)  # type: ignore[attr-defined]
     return view
