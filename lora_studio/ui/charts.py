@@ -173,3 +173,12 @@ def advice(error: str) -> str:
     if "config.json" in low or "not found" in low or "no such file" in low:
         return f"{text}\n\nCheck the model name or folder in the **Train** tab."
     return text
+
+
+def probes_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Probe answers (RUN/probes.jsonl rows) as a table: one row per evaluation step, one column per prompt."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], {"step": r["step"]})[r["prompt"]] = r["reply"]
+    return pd.DataFrame([by_step[s] for s in sorted(by_step)], columns=["step", *prompts])
