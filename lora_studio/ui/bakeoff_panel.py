@@ -74,10 +74,12 @@ def render(studio: Studio, out: Path, state: dict[str, Any]) -> tuple[pd.DataFra
     losses = []
     for item in state["queue"]:
         if item["run"] and studio.runner.run_dir(item["run"]).exists():
-            losses += [{"step": m["step"], "loss": m["loss"], "run": item["method"]} for m in studio.runner.metrics(item["run"])]
+            losses += [{"step": m["step"], "loss": m["loss"], "series": item["method"]} for m in studio.runner.metrics(item["run"])]
     word = "cancelled" if state.get("cancelled") else "finished"
     text = f"Bake-off **{state['id']}**: " + (f"{word}." if state["finished"] else "in progress (one method at a time).")
-    return queue, board, charts.frame(losses, ["step", "loss", "run"]), text
+    # every method's series present from the first point: a line plot colours only those it starts with
+    curves = charts.with_series(charts.frame(losses, ["step", "loss", "series"]), "loss", tuple(q["method"] for q in state["queue"]))
+    return queue, board, curves, text
 
 
 def _round(v: Any) -> Any:
@@ -99,7 +101,7 @@ def build_bakeoff_panel(studio: Studio, view: gr.State) -> None:
         message = gr.Markdown(elem_id="bakeoff-message")
         queue = gr.Dataframe(pd.DataFrame(columns=QUEUE), label="Queue", interactive=False, elem_id="bakeoff-queue")
         board = gr.Dataframe(pd.DataFrame(columns=BOARD), label="Leaderboard", interactive=False, wrap=True, elem_id="bakeoff-board")
-        plot = gr.LinePlot(x="step", y="loss", color="run", title="Train loss by method", elem_id="bakeoff-loss", height=260)
+        plot = gr.LinePlot(x="step", y="loss", color="series", title="Train loss by method", elem_id="bakeoff-loss", height=260)
         timer = gr.Timer(TICK_S)
     outputs = [queue, board, plot, message]
 
