@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +21,6 @@ from lora_studio.data import DataError
 from lora_studio.methods import disable_adapter
 from lora_studio.runfiles import write_json_atomic
 from lora_studio.scoring import mean_scores, score
-
-Progress = Callable[[int, int], None]
-
 
 def reference_rows(source: str | Path, fmt: str | None = None, columns: dict[str, str] | None = None) -> list[dict[str, str]]:
     """{"prompt", "reference"} per row of a data file in any training format: the first user

@@ -96,3 +96,35 @@ def test_early_stop_on_a_run_built_to_overfit(tmp_path, tiny_llama_dir):
     assert status["best_value"] == min(evals.values()) == evals[status["best_step"]]
     assert read_adapter_record(run / "adapter")["step"] == status["best_step"]
     assert _val_loss(run, val) == pytest.approx(status["best_value"], rel=1e-4)  # the saved weights are the best ones
+
+
+def test_early_stop_on_a_test_file_watches_the_rouge_of_greedy_replies(tmp_path, tiny_llama_dir):
+    import contextlib
+
+    from lora_studio.methods import get_method, inject_adapters
+    from lora_studio.probes import EvalWatch
+    from lora_studio.scoring import rouge_l
+
+    test = write_jsonl(tmp_path / "test.jsonl", format_rows(3))
+    cfg = TrainConfig(data="x", model=tiny_llama_dir, early_stop=1, test_data=str(test), probe_max_new_tokens=4,
+                      probes=["hello"]).resolved()  # fmt: skip
+    tok, model = load_tokenizer(tiny_llama_dir), load_model(tiny_llama_dir)
+    method = get_method("lora")
+    inject_adapters(model, method, cfg)
+    watch = EvalWatch(cfg, tmp_path, model, tok, method, contextlib.nullcontext)
+    assert watch.metric == "rougeL" and watch.stopper.mode == "max"
+    row: dict = {"eval_loss": 1.0}
+    assert not watch.after_eval(2, row)
+    replies = answer_probes(model, tok, [f"Say the word {w}" for w in ("Paris", "hello", "world")], GenerationSettings(max_new_tokens=4))
+    refs = [f"ANSWER: {w}" for w in ("Paris", "hello", "world")]
+    assert row["test_rougeL"] == pytest.approx(sum(rouge_l(a, r) for a, r in zip(replies, refs)) / 3)
+    assert watch.after_eval(4, {})  # the same weights, the same ROUGE-L: no improvement, patience 1
+    assert watch.stopper.best_step == 2 and "rougeL did not improve for 1" in watch.stop_reason(4)
+    kept = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)  # training after the best evaluation: the restore must undo it
+    assert watch.restore_best() == 2
+    assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert [r["step"] for r in read_probes(tmp_path)] == [2, 4]

@@ -144,6 +144,9 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
         )
         return f"**{run_id}: training**, step {step}{of_total}{loss}.{note}"
     if state == "done":
+        if status.get("stop_reason"):  # early stopping: why, at which step, and which step's adapter was kept
+            return (f"**{run_id}: stopped early**: {status['stop_reason']}. Chat with it in **Compare**, "
+                    f"download or push it in **Export**.{where}")  # fmt: skip
         return (
             f"**{run_id}: finished** after {step} steps{loss}. The adapter is saved in `adapter/`: chat with it in "
             f"**Compare**, download or push it in **Export**.{where}"

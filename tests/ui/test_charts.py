@@ -110,3 +110,10 @@ def test_train_tab_settings_carry_probes_and_early_stop():
         apply_limits(Fake, cfg, caller)
     cfg.probes = ["Say hi"]
     assert apply_limits(Fake, cfg, caller)[0].probe_max_new_tokens == 16  # probe answers are replies: capped
+
+
+def test_status_says_why_a_run_stopped_early():
+    reason = "early stop at step 7: eval_loss did not improve for 2 evaluation(s); the adapter is from step 5 (eval_loss 1.2000)"
+    text = charts.status_markdown("r1", {"state": "done", "step": 7, "stop_reason": reason})
+    assert "stopped early" in text and "at step 7" in text and "from step 5" in text
+    assert "stopped early" not in charts.status_markdown("r1", {"state": "done", "step": 7})
