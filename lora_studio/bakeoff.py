@@ -70,12 +70,13 @@ def create(
     shared = cfg.to_dict()
     if not test and not cfg.val_data and not cfg.val_fraction:
         shared["val_fraction"] = DEFAULT_VAL_FRACTION  # something held out to score on
-    for name in names:
-        method_config(shared, name).resolved()  # raises naming the field
     if test:
         test = str(Path(test).resolve()) if Path(test).exists() else test
         if cfg.early_stop and not cfg.test_data:
             shared["test_data"] = test  # early stopping on the score the leaderboard ranks by
+    for name in names:
+        method_config(shared, name).resolved()  # raises naming the field
+    if test:
         reference_rows(test, cfg.format, cfg.columns)  # a bad test file fails now, not after training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,29 @@ def advance(out_dir: str | Path, runner: Any, can_start: Any = None) -> dict[str
                 if state in (rf.DONE, rf.STOPPED) and not (out / "scores" / f"{method}.json").exists():
                     _score(out, spec, method, runner.run_dir(run_id))
             write_leaderboard(out, runner)
+            state = progress(out, runner)
+            if state["finished"] and not spec.get("finished_at"):  # advance_all skips it from now on
+                spec["finished_at"] = time.time()
+                rf.write_json_atomic(out / BAKEOFF_FILE, spec)
+            return state
     return progress(out, runner)
+
+
+def advance_all(root: str | Path, runner: Any, can_start: Any = None) -> list[str]:
+    """`advance` every unfinished bake-off under `root` (the app's background thread: a series goes
+    on with no page open). `can_start(owner)` as in `advance`. Returns the ids advanced."""
+    done = []
+    root = Path(root)
+    for out in sorted(root.iterdir()) if root.is_dir() else []:
+        if out.is_symlink() or not (out / BAKEOFF_FILE).exists():
+            continue
+        spec = load(out)
+        if spec.get("finished_at"):
+            continue
+        owner = spec.get("owner")
+        advance(out, runner, None if can_start is None else (lambda owner=owner: can_start(owner)))
+        done.append(out.name)
+    return done
 
 
 def _status(runner: Any, run_id: str) -> dict[str, Any]:

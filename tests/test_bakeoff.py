@@ -57,3 +57,65 @@ def test_bakeoff_refuses_bad_plans_before_any_run(tmp_path, tiny_llama_dir):
     assert bakeoff.method_config(spec["config"], "vera").resolved().rank != bakeoff.method_config(spec["config"], "lora").resolved().rank
     progress = bakeoff.progress(tmp_path / "e", Runner(tmp_path / "runs"))
     assert [q["state"] for q in progress["queue"]] == ["waiting", "waiting"] and not progress["finished"]
+
+
+class FakeRunner:
+    """The runner calls advance() makes: start (recorded), status, run_dir, metrics."""
+
+    def __init__(self, root):
+        self.root, self.started, self.states = root, [], {}
+
+    def start(self, cfg, run_id, owner=None, max_wall_s=None):
+        self.started.append((run_id, cfg.method, owner))
+        self.states[run_id] = "running"
+        return run_id
+
+    def status(self, run_id):
+        return {"state": self.states[run_id], "run_id": run_id}
+
+    def run_dir(self, run_id):
+        return self.root / run_id
+
+    def stop(self, run_id, save=True):
+        self.stopped = (run_id, save)
+
+
+def test_advance_all_starts_one_method_at_a_time_within_the_caps(tmp_path, tiny_llama_dir):
+    data = write_jsonl(tmp_path / "train.jsonl", format_rows(8))
+    cfg = TrainConfig(data=str(data), model=tiny_llama_dir)
+    root, runner = tmp_path / "bakeoffs", FakeRunner(tmp_path / "runs")
+    bakeoff.create(root / "bk20990101-000000-aaaa", cfg, "lora,vera", owner="anon-a", bk_id="bk20990101-000000-aaaa")
+    bakeoff.create(root / "bk20990101-000000-bbbb", cfg, "dora", owner="anon-b", bk_id="bk20990101-000000-bbbb")
+    allowed = {"anon-a"}
+    assert bakeoff.advance_all(root, runner, lambda owner: owner in allowed) == ["bk20990101-000000-aaaa", "bk20990101-000000-bbbb"]
+    assert runner.started == [("bk20990101-000000-aaaa-lora", "lora", "anon-a")]  # anon-b is over its cap for now
+    bakeoff.advance_all(root, runner, lambda owner: owner in allowed)
+    assert len(runner.started) == 1  # lora still running: vera waits
+    runner.states["bk20990101-000000-aaaa-lora"] = "failed"  # over without an adapter: no score, next method
+    allowed.add("anon-b")
+    bakeoff.advance_all(root, runner, lambda owner: True)
+    assert [s[0] for s in runner.started[1:]] == ["bk20990101-000000-aaaa-vera", "bk20990101-000000-bbbb-dora"]
+    bakeoff.cancel(root / "bk20990101-000000-bbbb", runner)
+    assert runner.stopped == ("bk20990101-000000-bbbb-dora", True)  # stopped with its adapter kept
+    runner.states["bk20990101-000000-bbbb-dora"] = "failed"
+    assert bakeoff.progress(root / "bk20990101-000000-bbbb", runner)["finished"]
+    bakeoff.advance_all(root, runner)
+    assert bakeoff.load(root / "bk20990101-000000-bbbb").get("finished_at")  # skipped from now on
+    assert bakeoff.advance_all(root, runner) == ["bk20990101-000000-aaaa"]
+
+
+def test_bakeoff_scores_on_a_test_file_and_early_stops_on_its_rouge(tmp_path, tiny_llama_dir, capsys):
+    data = write_jsonl(tmp_path / "train.jsonl", format_rows(16))
+    test = write_jsonl(tmp_path / "test.jsonl", format_rows(3))
+    out = tmp_path / "bk"
+    assert main(["bakeoff", "--data", str(data), "--test", str(test), "--methods", "lora", "--out", str(out),
+                 "--model", tiny_llama_dir, "--epochs", "3", "--max-steps", "10", "--batch-size", "8", "--eval-every", "1",
+                 "--early-stop", "1", "--probe-max-new-tokens", "3", "--max-new-tokens", "3", "--checkpoint-every", "0"]) == 0
+    with (out / "leaderboard.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    config = json.loads((out / "runs" / row["run"] / "config.json").read_text())
+    assert config["test_data"] == str(test) and config["val_fraction"] == 0.0  # nothing held out of training
+    status = json.loads((out / "runs" / row["run"] / "status.json").read_text())
+    assert status["watched"] == "rougeL" and status["step"] < 10 and "early stop" in status["stop_reason"]
+    assert json.loads((out / "scores" / "lora.json").read_text())["n"] == 3  # scored on the test file
+    assert row["eval_loss"] == "" and row["rougeL"] != ""  # no validation data: no eval loss

@@ -7,6 +7,8 @@ and every handler answers another visitor's bake-off as one that does not exist.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,31 @@ def start(studio: Studio, caller: Caller, config: Any, methods: list[str]) -> st
     return bk_id
 
 
+def _can_start(studio: Studio, owner: str | None) -> bool:
+    """The next method of `owner`'s bake-off may start: within the fair-share caps for now."""
+    try:
+        check_fair_share(studio, Caller(owner=owner or ""))
+        return True
+    except ValueError:
+        return False
+
+
+def start_background(studio: Studio, every_s: float = 5.0) -> threading.Thread:
+    """Advance every bake-off from the app itself, so a series goes on with no page open."""
+
+    def loop() -> None:
+        while True:
+            try:
+                bakeoff.advance_all(bakeoffs_dir(studio), studio.runner, lambda owner: _can_start(studio, owner))
+            except Exception as e:  # noqa: BLE001 - one bad folder must not stop the others for good
+                print(f"bake-off: {e.__class__.__name__}: {e}", flush=True)
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=loop, name="lora-studio-bakeoffs", daemon=True)
+    thread.start()
+    return thread
+
+
 def render(studio: Studio, out: Path, state: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str]:
     queue = pd.DataFrame(state["queue"], columns=QUEUE)
     board = pd.DataFrame([{c: _round(r.get(c)) for c in BOARD} for r in state["rows"]], columns=BOARD)
@@ -107,17 +134,9 @@ def build_bakeoff_panel(studio: Studio, view: gr.State) -> None:
 
     def show(bk_id: Any, caller: Caller, advance: bool) -> tuple:
         out = bakeoff_dir(studio, caller, bk_id)
-        if advance:  # the series moves on while its owner's page is open (scoring runs here)
-            owner = Caller(owner=bakeoff.load(out).get("owner") or "")
-
-            def can_start() -> bool:
-                try:
-                    check_fair_share(studio, owner)
-                    return True
-                except ValueError:
-                    return False
-
-            state = bakeoff.advance(out, studio.runner, can_start)
+        if advance:  # also moved on by start_background; whoever holds its lock first does it
+            owner = bakeoff.load(out).get("owner")
+            state = bakeoff.advance(out, studio.runner, lambda: _can_start(studio, owner))
         else:
             state = bakeoff.progress(out, studio.runner)
         q, b, losses, text = render(studio, out, state)
