@@ -273,10 +273,14 @@ def write_leaderboard(out_dir: str | Path, runner: Any) -> list[dict[str, Any]]:
     writer = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows({c: _cell(r[c]) for c in COLUMNS} for r in rows)
-    rf.write_bytes_atomic(out / "leaderboard.csv", buf.getvalue().encode())
     md = ["| " + " | ".join(COLUMNS + ["state"]) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
     md += ["| " + " | ".join(_cell(r[c]) for c in COLUMNS + ["state"]) + " |" for r in rows]
-    rf.write_bytes_atomic(out / "leaderboard.md", ("\n".join(md) + "\n").encode())
+    md_text = "\n".join(md) + "\n"
+    with contextlib.suppress(FileNotFoundError):
+        if (out / "leaderboard.md").read_text() == md_text and (out / "leaderboard.csv").exists():
+            return rows  # nothing new: advance() runs every few seconds, the files stay as they are
+    rf.write_bytes_atomic(out / "leaderboard.csv", buf.getvalue().encode())
+    rf.write_bytes_atomic(out / "leaderboard.md", md_text.encode())
     curves = {}
     for r in rows:
         if r["run"] and runner.run_dir(r["run"]).exists():
