@@ -101,6 +101,18 @@ class TrainConfig:
     """Also send each metrics row (what the charts show) to an experiment tracker: `trackio`,
     `tensorboard` (RUN/tensorboard) or `wandb`, each an optional package imported only then.
     None (default): nothing is sent anywhere."""
+    probes: list[str] = field(default_factory=list)
+    """Prompts the model answers greedily at each evaluation (every `eval_every` steps and the
+    last step); the answers go to RUN/probes.jsonl as {"step", "prompt", "reply"}."""
+    probe_max_new_tokens: int = 48
+    """Longest probe answer (and test-file reply when early stopping on ROUGE-L), in tokens."""
+    early_stop: int = 0
+    """Stop when the watched value has not improved for this many evaluations in a row (0: never).
+    It watches the eval loss, or the ROUGE-L of greedy replies to `test_data` when that is set;
+    the best evaluation's adapter is the one saved, and the status says why and at which step."""
+    test_data: str | None = None
+    """Rows with a prompt and a reference reply (any training format): with `early_stop`,
+    training stops on their ROUGE-L instead of the eval loss."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,11 +207,19 @@ class TrainConfig:
             problems.append(f"checkpoint_every must be 0 or more (got {self.checkpoint_every})")
         if self.eval_every < 0:
             problems.append(f"eval_every must be 0 or more (got {self.eval_every})")
+        if self.early_stop < 0:
+            problems.append(f"early_stop must be 0 or more (got {self.early_stop})")
+        elif self.early_stop and not (self.val_data or self.val_fraction or self.test_data):
+            problems.append("early_stop needs something to watch: validation data (val_data or val_fraction) or test_data")
+        if any(not isinstance(p, str) or not p.strip() for p in self.probes):
+            problems.append("probes must be non-empty prompts")
+        if self.probe_max_new_tokens < 1:
+            problems.append(f"probe_max_new_tokens must be at least 1 (got {self.probe_max_new_tokens})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
         from lora_studio.redact import looks_like_token
 
-        for name in ("model", "data", "val_data", "out", "target"):  # a token pasted in the wrong box
+        for name in ("model", "data", "val_data", "test_data", "out", "target"):  # a token pasted in the wrong box
             if looks_like_token(getattr(self, name)):
                 problems.append(f"{name} looks like an access token; tokens go in HF_TOKEN, never in run settings")
         if problems:

@@ -161,7 +161,7 @@ class Runner:
         run_dir.mkdir(parents=True, exist_ok=False)
         rf.make_reserve(run_dir)
         cfg.out = str(run_dir.resolve())
-        for name in ("data", "model", "val_data"):
+        for name in ("data", "model", "val_data", "test_data"):
             value = getattr(cfg, name, None)
             if isinstance(value, str) and value and Path(value).exists():
                 setattr(cfg, name, str(Path(value).resolve()))  # the worker may run elsewhere

@@ -47,6 +47,7 @@ from lora_studio.engine.speed import store_frozen_linears
 from lora_studio.methods import inject_adapters, trainable_parameters
 from lora_studio.models import load_model, load_tokenizer
 from lora_studio.preflight import check_batch
+from lora_studio.probes import EvalWatch
 from lora_studio.runfiles import METRICS
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -144,6 +145,9 @@ class Trainer:
         self.loss_module = dist.wrap_for_ranks(_SummedLoss(self.model), env, self.device)
         self.pos = Position()
         self.last_checkpoint = -1
+        # Probe answers and early stopping, read at each evaluation (rank 0; see probes.py).
+        self.watch = EvalWatch(cfg, run_dir, self.model, self.tokenizer, self.method, self._autocast) if env.main else None
+        self.early_stop_step: int | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -191,15 +195,29 @@ class Trainer:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
                         row["eval_loss"] = eval_loss
-                # After the evaluation, before the row is logged: the place for what reads the eval
-                # loss (probes, early stopping).
+                    if self.after_eval(pos.step, row):
+                        self.early_stop_step = pos.step
                 self.log(row, on_step)
+                if self.early_stop_step is not None:
+                    return self._leave("done")
                 if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.step < self.total_steps:
                     self.save_checkpoint()
             if pos.batch_in_epoch >= len(batches):
                 pos.epoch += 1
                 pos.batch_in_epoch = 0
         return self._leave("done")
+
+    def after_eval(self, step: int, row: dict[str, Any]) -> bool:
+        """Probes answered and early stopping asked after an evaluation (adds what it scored to
+        `row`); True: stop now. Rank 0 decides, every rank leaves together."""
+        stop = self.watch.after_eval(step, row) if self.watch is not None else False
+        if not self.cfg.early_stop:
+            return False
+        return bool(dist.from_main(int(stop), self.env, self.device))
+
+    def restore_best(self) -> int | None:
+        """With early stopping, the best evaluation's weights back in the model; returns its step."""
+        return self.watch.restore_best() if self.watch is not None else None
 
     def _leave(self, final: str) -> str:
         self.model.eval()

@@ -157,9 +157,18 @@ def _train(
     step = trainer.pos.step
     if final == rf.ABORTED:
         return status.finish(rf.ABORTED, step=step, error=None)
+    fields: dict[str, Any] = {"step": step}
+    # With early stopping the adapter saved is the best evaluation's; the status says why it stopped.
+    best_step = trainer.restore_best() if final == rf.DONE else None
+    if best_step is not None:
+        watch = trainer.watch
+        fields.update(best_step=best_step, best_value=watch.stopper.best, watched=watch.metric)
+        if trainer.early_stop_step is not None:
+            fields["stop_reason"] = watch.stop_reason(trainer.early_stop_step)
     if env.main and step > 0:
-        save_outputs(trainer)
-    return status.finish(final, step=step, **({"adapter": str(run_dir / "adapter")} if step > 0 else {}))
+        save_outputs(trainer, best_step or step)
+        fields["adapter"] = str(run_dir / "adapter")
+    return status.finish(final, **fields)
 
 
 def _estimate(plan: Plan, trainer: Trainer) -> dict[str, Any] | None:
@@ -170,8 +179,8 @@ def _estimate(plan: Plan, trainer: Trainer) -> dict[str, Any] | None:
         return {"error": f"no estimate: {e}"}
 
 
-def save_outputs(trainer: Trainer) -> None:
-    """The adapter (PEFT files + our record) and, with `merge`, the merged model."""
+def save_outputs(trainer: Trainer, step: int) -> None:
+    """The adapter of `step` (PEFT files + our record) and, with `merge`, the merged model."""
     cfg, tokenizer = trainer.cfg, trainer.tokenizer
     save_adapter(
         trainer.model,
@@ -184,7 +193,7 @@ def save_outputs(trainer: Trainer) -> None:
             "eos_token": tokenizer.eos_token,
             "system_prompt": cfg.system_prompt,
             "generation": dataclasses.asdict(default_generation(trainer.model)),
-            "step": trainer.pos.step,
+            "step": step,
         },
     )
     if cfg.merge:

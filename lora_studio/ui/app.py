@@ -81,6 +81,9 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
             return [dropdown_update(choices, c) for c in current]
 
         studio.after_identify(fill_pickers, run_pickers, run_pickers, api_visibility="undocumented", queue=False)
+        from lora_studio.ui.bakeoff_panel import start_background
+
+        start_background(studio)  # bake-offs go on with no page open
         if settings.public and keep_s:
             from lora_studio.ui.cleanup import start_cleanup
 

@@ -144,6 +144,9 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
         )
         return f"**{run_id}: training**, step {step}{of_total}{loss}.{note}"
     if state == "done":
+        if status.get("stop_reason"):  # early stopping: why, at which step, and which step's adapter was kept
+            return (f"**{run_id}: stopped early**: {status['stop_reason']}. Chat with it in **Compare**, "
+                    f"download or push it in **Export**.{where}")  # fmt: skip
         return (
             f"**{run_id}: finished** after {step} steps{loss}. The adapter is saved in `adapter/`: chat with it in "
             f"**Compare**, download or push it in **Export**.{where}"
@@ -173,3 +176,12 @@ def advice(error: str) -> str:
     if "config.json" in low or "not found" in low or "no such file" in low:
         return f"{text}\n\nCheck the model name or folder in the **Train** tab."
     return text
+
+
+def probes_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Probe answers (RUN/probes.jsonl rows) as a table: one row per evaluation step, one column per prompt."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], {"step": r["step"]})[r["prompt"]] = r["reply"]
+    return pd.DataFrame([by_step[s] for s in sorted(by_step)], columns=["step", *prompts])

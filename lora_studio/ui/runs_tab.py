@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 
 from lora_studio.ui import charts
+from lora_studio.ui.bakeoff_panel import build_bakeoff_panel
 from lora_studio.ui.common import Studio, friendly
 from lora_studio.ui.identity import Caller
 from lora_studio.ui.train_tab import check_fair_share
@@ -107,6 +108,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
             confirm = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
             cancel = gr.Button("Cancel", elem_id="runs-delete-cancel")
         message = gr.Markdown(elem_id="runs-message")
+        build_bakeoff_panel(studio, view)
 
     def listing(current_pick, current_one, caller: Caller):
         choices = studio.runs(caller)

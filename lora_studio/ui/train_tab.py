@@ -18,6 +18,7 @@ from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY, get_method
 from lora_studio.models import BUNDLED, check_model_spec
 from lora_studio.preflight import preflight
+from lora_studio.probes import read_probes
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
 from lora_studio.ui.identity import Caller
@@ -29,7 +30,7 @@ FIELDS = (
     "model", "quantize", "method", "rank", "alpha", "lr", "lr_ratio", "epochs", "batch_size", "max_seq_len",
     "dropout", "max_steps", "target", "seed", "warmup_ratio", "weight_decay", "use_rslora", "val_fraction",
     "packing", "drop_invalid", "grad_accum_steps", "gradient_checkpointing", "precision", "checkpoint_every",
-    "eval_every", "method_options", "trust_remote_code",
+    "eval_every", "method_options", "probes", "early_stop", "trust_remote_code",
 )  # fmt: skip
 
 
@@ -70,7 +71,8 @@ def build_config(values: dict[str, Any], selection: dict[str, Any] | None) -> Tr
         raise ValueError(f"method options must be JSON, e.g. {{\"d_initial\": 0.1}} ({e.msg})") from None
     if not isinstance(method_options, dict):
         raise ValueError("method options must be a JSON object")
-    ints = ("rank", "batch_size", "max_seq_len", "seed", "grad_accum_steps", "checkpoint_every", "eval_every")
+    v["probes"] = [line.strip() for line in (v.get("probes") or "").splitlines() if line.strip()]
+    ints = ("rank", "batch_size", "max_seq_len", "seed", "grad_accum_steps", "checkpoint_every", "eval_every", "early_stop")
     for key in ints:
         v[key] = _number(key, v[key], int)
     for key in ("epochs", "warmup_ratio", "weight_decay", "val_fraction"):
@@ -136,6 +138,14 @@ def apply_limits(studio: Studio, cfg: TrainConfig, caller: Caller) -> tuple[Trai
         raise ValueError(
             f"max length: {cfg.max_seq_len} tokens is over this server's limit of {lim.seq_len} (LORA_STUDIO_MAX_SEQ_LEN)"
         )
+    if lim.batch_prompts and len(cfg.probes) > lim.batch_prompts:
+        raise ValueError(
+            f"probes: {len(cfg.probes)} prompts is over this server's limit of {lim.batch_prompts} (LORA_STUDIO_MAX_BATCH_PROMPTS)"
+        )
+    if lim.prompt_chars and any(len(p) > lim.prompt_chars for p in cfg.probes):
+        raise ValueError(f"probes: a prompt is over this server's limit of {lim.prompt_chars} characters (LORA_STUDIO_MAX_PROMPT_CHARS)")
+    if lim.new_tokens:  # probe answers are replies too
+        cfg.probe_max_new_tokens = min(cfg.probe_max_new_tokens, lim.new_tokens)
     note = ""
     if lim.steps:
         if cfg.max_steps and cfg.max_steps > lim.steps:
@@ -246,6 +256,14 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
                 checkpoint_every = gr.Number(label="Checkpoint every N steps", value=50, precision=0)
                 eval_every = gr.Number(label="Eval every N steps", value=50, precision=0)
                 options = gr.Textbox(label="Method options (JSON)", value="", elem_id="method-options")
+            with gr.Row():
+                probes = gr.Textbox(
+                    label="Probe prompts (one per line): answered greedily at each evaluation", lines=2, elem_id="probes"
+                )
+                early_stop = gr.Number(
+                    label="Early stop: evaluations without a better eval loss (0 = off; keeps the best)", value=0,
+                    precision=0, elem_id="early-stop",
+                )  # fmt: skip
             # Offered only where the operator allowed it at launch on a local server; kept hidden
             # otherwise (its place in /start's inputs stays), and refused over the API.
             trust = gr.Checkbox(
@@ -271,12 +289,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         with gr.Row():
             lr_plot = gr.LinePlot(x="step", y="lr", color="series", title="Learning rate", elem_id="lr-plot", height=220)
             speed_plot = gr.LinePlot(x="step", y="tokens/s", title="Tokens/s", elem_id="speed-plot", height=220)
+        probes_table = gr.Dataframe(label="Probe answers by step", interactive=False, wrap=True, elem_id="probes-table")
         timer = gr.Timer(POLL_S)
 
     widgets = [
         model, quantize, method, rank, alpha, lr, lr_ratio, epochs, batch_size, max_len, dropout, max_steps, target,
         seed, warmup, weight_decay, rslora, val_fraction, packing, drop_invalid, accum, checkpointing, precision,
-        checkpoint_every, eval_every, options, trust,
+        checkpoint_every, eval_every, options, probes, early_stop, trust,
     ]  # fmt: skip
     assert len(widgets) == len(FIELDS)
 
@@ -396,8 +415,22 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     stop.click(stop_run, view, outputs, api_name="stop", queue=False)
     abort.click(abort_run, view, outputs, api_name="abort", queue=False)
     timer.tick(tick, view, outputs, api_visibility="undocumented", queue=False, show_progress="hidden")
+
+    def probe_answers(view_state, shown, request: gr.Request):
+        """The view's run's probes.jsonl as a table (a step per row, a prompt per column); only the owner's."""
+        run_id = (view_state or {}).get("run_id")
+        if not run_id or not studio.owns(studio.caller(request), run_id):
+            return None
+        frame = charts.probes_frame(read_probes(studio.runner.run_dir(run_id)))
+        same = shown is not None and len(getattr(shown, "index", [])) == len(frame) and list(shown.columns) == list(frame.columns)
+        return gr.skip() if same and len(frame) else frame
+
+    timer.tick(probe_answers, [view, probes_table], probes_table, api_name="probes", queue=False, show_progress="hidden")
     studio.after_identify(attach, view, outputs, api_name="attach", queue=False)
     # The Runs tab points the view at another run (resume, show) through these.
     view.switch_to = switch_to  # type: ignore[attr-defined]
     view.outputs = outputs  # type: ignore[attr-defined]
+    # The Runs tab's bake-off trains with these same settings: config_of(selection, *widget values).
+    view.config_inputs = [selection, *widgets]  # type: ignore[attr-defined]
+    view.config_of = lambda sel, *args: build_config(values_of(args), sel)  # type: ignore[attr-defined]
     return view

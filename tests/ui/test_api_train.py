@@ -28,7 +28,7 @@ def settings(model: str, **over) -> list:
         max_seq_len=128, dropout=0.0, max_steps=0, target="all-linear", seed=0, warmup_ratio=0.03, weight_decay=0.0,
         use_rslora=False, val_fraction=0.0, packing=False, drop_invalid=False, grad_accum_steps=1,
         gradient_checkpointing=False, precision="auto", checkpoint_every=10, eval_every=50, method_options="",
-        trust_remote_code=False,
+        trust_remote_code=False, probes="", early_stop=0,
     )  # fmt: skip
     values.update(over)
     return [values[f] for f in FIELDS]

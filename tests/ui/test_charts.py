@@ -78,3 +78,42 @@ def test_live_loss_has_its_eval_series_before_the_first_eval():
     assert charts.live_loss_frame(ROWS[:1], has_eval=False)["series"].tolist() == ["train"]
     assert charts.live_loss_frame(ROWS, has_eval=True)["series"].tolist().count("eval") == 1  # the real one only
     assert charts.live_loss_frame([], has_eval=True).empty
+
+
+def test_probe_answers_by_step():
+    rows = [{"step": 2, "prompt": "a?", "reply": "x"}, {"step": 2, "prompt": "b?", "reply": "y"},
+            {"step": 4, "prompt": "a?", "reply": "z"}]  # fmt: skip
+    frame = charts.probes_frame(rows)
+    assert list(frame.columns) == ["step", "a?", "b?"]
+    assert frame.fillna("").values.tolist() == [[2, "x", "y"], [4, "z", ""]]
+    assert list(charts.probes_frame([]).columns) == ["step"]
+
+
+def test_train_tab_settings_carry_probes_and_early_stop():
+    from lora_studio.ui.settings import Limits
+    from lora_studio.ui.train_tab import FIELDS, apply_limits, build_config
+    from tests.ui.test_api_train import settings
+
+    values = dict(zip(FIELDS, settings("m", probes="Say hi\n\n  Say bye \n", early_stop=3, val_fraction=0.2)))
+    cfg = build_config(values, {"data": "d.jsonl"})
+    assert cfg.probes == ["Say hi", "Say bye"] and cfg.early_stop == 3
+
+    class Fake:  # apply_limits reads only studio.settings.limits
+        class settings:
+            limits = Limits.none()
+            limits.batch_prompts, limits.new_tokens = 1, 16
+
+    caller = type("C", (), {"admin": False})()
+    import pytest
+
+    with pytest.raises(ValueError, match="probes: 2 prompts is over this server's limit of 1"):
+        apply_limits(Fake, cfg, caller)
+    cfg.probes = ["Say hi"]
+    assert apply_limits(Fake, cfg, caller)[0].probe_max_new_tokens == 16  # probe answers are replies: capped
+
+
+def test_status_says_why_a_run_stopped_early():
+    reason = "early stop at step 7: eval_loss did not improve for 2 evaluation(s); the adapter is from step 5 (eval_loss 1.2000)"
+    text = charts.status_markdown("r1", {"state": "done", "step": 7, "stop_reason": reason})
+    assert "stopped early" in text and "at step 7" in text and "from step 5" in text
+    assert "stopped early" not in charts.status_markdown("r1", {"state": "done", "step": 7})
