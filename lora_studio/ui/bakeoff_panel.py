@@ -120,7 +120,7 @@ def build_bakeoff_panel(studio: Studio, view: gr.State) -> None:
                     "budget; each method's own rank/lr defaults unless set), one after another, then scores each "
                     "on held-out rows: exact match, token F1, ROUGE-L of greedy replies.")  # fmt: skip
         with gr.Row():
-            methods = gr.CheckboxGroup(list(REGISTRY), value=["lora", "dora"], label="Methods", elem_id="bakeoff-methods")
+            methods = gr.CheckboxGroup(list(REGISTRY), value=list(REGISTRY)[:2], label="Methods", elem_id="bakeoff-methods")
             go = gr.Button("Start bake-off", variant="primary", elem_id="bakeoff-start")
         with gr.Row():
             pick = gr.Dropdown(label="Bake-off", choices=[], allow_custom_value=True, elem_id="bakeoff-pick")
