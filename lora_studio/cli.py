@@ -69,8 +69,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument(
-        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
+        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs under torchrun"
     )
+    p.add_argument(
+        "--strategy", choices=["auto", "ddp", "fsdp"],
+        help="with several processes: ddp (whole model on each), fsdp (FSDP2: weights, gradients and optimizer "
+        "sharded, 1/N on each), auto (default: fsdp only when the memory estimate exceeds one device). "
+        "See docs/distributed.md",
+    )  # fmt: skip
 
 
 def _runs_parser(sub: argparse._SubParsersAction) -> None:

@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lora_studio import fsdp
 from lora_studio.adapters import save_adapter
 from lora_studio.checkpoint import (
     CHECKPOINTS,
@@ -68,7 +69,7 @@ from lora_studio.data import (
     pack_examples,
 )
 from lora_studio.methods import count_parameters, get_method, inject_adapters, merge_adapters, trainable_parameters
-from lora_studio.memory import estimate_for_examples
+from lora_studio.memory import estimate_for_examples, pick_strategy
 from lora_studio.methods.base import check_config
 from lora_studio.models import base_model_id, load_model, load_tokenizer
 from lora_studio.precision import resolve_precision, stores_frozen_linears_in_bf16
@@ -275,8 +276,11 @@ def shard_batch(ids: list[int], env: DistEnv, accum: int) -> list[list[int]]:
 # ---------------------------------------------------------------- the loop
 
 
-def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, Any]:
-    """Load model, tokenizer and data, and inject the adapter: everything before step 1."""
+def prepare(cfg: TrainConfig, device: torch.device | None = None, sharded: bool = False) -> dict[str, Any]:
+    """Load model, tokenizer and data, and inject the adapter: everything before step 1.
+
+    `sharded` (FSDP): the model stays in CPU memory; `fsdp.shard_model` moves each rank's
+    shard to `device`, so the whole model never has to fit on one GPU."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = get_method(cfg.method)
     check_config(method, cfg)  # impossible combinations fail before anything is loaded
@@ -284,7 +288,8 @@ def prepare(cfg: TrainConfig, device: torch.device | None = None) -> dict[str, A
     examples, val_examples, report = build_datasets(cfg, tokenizer)
     _, base_dtype = resolve_precision(cfg, device)
     model = load_model(cfg.model, dtype=base_dtype, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize)
-    model.to(device)
+    if not sharded:  # [FSDP hook 1] fully_shard moves only this rank's shard to the device
+        model.to(device)
     if cfg.packing:
         check_packing(model)
         examples = pack_examples(examples, cfg.max_seq_len)
@@ -324,14 +329,22 @@ def train(
     try:
         env = init_distributed()
         cfg = cfg.resolved()
+        # [FSDP hook 0] auto decided from the memory estimate; fsdp refused where it cannot work
+        strategy = pick_strategy(cfg, env.world, env.device())
+        if strategy == "fsdp":
+            why = fsdp.fsdp_refusal(get_method(cfg.method), cfg)
+            if why:
+                raise ValueError(why)
         if env.main:
             make_reserve(run_dir)  # before anything fills the disk (again, on a resume)
             cfg.save(run_dir / "config.json")
             write_status(
                 run_dir, "running", pid=os.getpid(), pid_started=_process_started(), host=hostname(),
                 started_at=time.time(), error=None, finished_at=None, world_size=env.world,
-                method=cfg.method, model=cfg.model,
+                strategy=strategy, method=cfg.method, model=cfg.model,
             )
+        if strategy in ("ddp", "fsdp"):  # the loop reads the decided one (`auto` resolved)
+            cfg = dataclasses.replace(cfg, strategy=strategy)
         with (
             _signals_request_stop() as signalled,
             # each metrics row also to the tracker asked for (rank 0; nothing imported when None)
@@ -446,6 +459,13 @@ class _Loop:
         self.autocast_dtype, _ = resolve_precision(cfg, self.device)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        self.loss_module: nn.Module = _SummedLoss(self.model)
+        self.sharded = env.world > 1 and cfg.strategy == "fsdp"
+        if self.sharded:
+            # [FSDP hook 2] instead of DDP: shard each decoder layer and the loss module as root (its
+            # forward is what the loop calls, so its hook gathers embeddings and LM head). Before the
+            # optimizer: fully_shard replaces the parameters by sharded DTensor ones.
+            self.loss_module = fsdp.shard_model(self.loss_module, fsdp.decoder_layers(self.model), self.autocast_dtype)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -455,8 +475,7 @@ class _Loop:
         self.total_steps = plan_steps(cfg, self.batches_per_epoch)
         self.scheduler = linear_schedule(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.params = list(trainable_parameters(self.model).values())
-        self.loss_module: nn.Module = _SummedLoss(self.model)
-        if env.world > 1:
+        if env.world > 1 and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self.loss_module = DistributedDataParallel(
@@ -511,7 +530,10 @@ class _Loop:
         for k, (batch, weight) in enumerate(zip(micro, weights)):
             batch = {key: v.to(self.device) for key, v in batch.items()}
             last = k == len(micro) - 1
-            sync = contextlib.nullcontext() if last or self.env.world == 1 else self.loss_module.no_sync()
+            # [FSDP hook 3] FSDP reduce-scatters every micro-batch into the sharded gradients (no
+            # no_sync: keeping whole unsharded gradients would cost the memory FSDP saves)
+            quiet = not last and self.env.world > 1 and not self.sharded
+            sync = self.loss_module.no_sync() if quiet else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     summed = self.loss_module(batch)
@@ -525,6 +547,7 @@ class _Loop:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        grad_norm = fsdp.full_norm(grad_norm)  # [FSDP hook 4] over DTensor gradients: a DTensor
         if self.scaler is None and not math.isfinite(float(grad_norm)):
             # (fp16's scaler skips an overflowing step itself and lowers its scale: a rare inf is
             # expected there, and `scaler.step` below applies nothing for it.)
@@ -558,12 +581,22 @@ class _Loop:
         mine = order[self.env.rank :: self.env.world]
         size = max(1, self.cfg.batch_size // self.cfg.grad_accum_steps)
         total = count = 0.0
-        for start in range(0, len(mine), size):
-            batch = collate([self.val_examples[i] for i in mine[start : start + size]], self.tokenizer.pad_token_id)
+        starts = list(range(0, len(mine), size))
+        if self.sharded:  # [FSDP hook 5] each forward gathers weights with every rank: same count of calls
+            most = math.ceil(math.ceil(len(order) / self.env.world) / size)
+            starts += [-1] * (most - len(starts))  # -1: a dummy batch whose loss is not counted
+        for start in starts:
+            ids = mine[start : start + size] if start >= 0 else order[:1]
+            batch = collate([self.val_examples[i] for i in ids], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                loss, n = causal_lm_loss(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            total += float(loss)
-            count += n
+                if self.sharded:
+                    loss, n = self.loss_module(batch), count_targets(batch)
+                else:
+                    loss, n = causal_lm_loss(self.model, batch)
+            if start >= 0:
+                total += float(loss)
+                count += n
         total, count = self._all_sum([total, count])
         self.model.train()
         return total / max(1.0, count)
@@ -577,15 +610,19 @@ class _Loop:
             shutil.rmtree(folder)
         self._barrier()
         write_rank_rng(folder, self.env.rank, rng_state(self.device, self.epoch_start_state))
+        if self.sharded:  # [FSDP hook 6] each rank writes its shard of adapter and optimizer (DCP)
+            fsdp.save_sharded_checkpoint(self.loss_module, self.optimizer, folder)
         self._barrier()
         if self.env.main:
             optim = {
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             }
-            trainer_state = {**asdict(self.pos), "world_size": self.env.world}
-            save_checkpoint(self.run_dir, step, checkpoint_tensors(self.model, self.method), optim, trainer_state)
+            if not self.sharded:
+                optim["optimizer"] = self.optimizer.state_dict()
+            trainer_state = {**asdict(self.pos), "world_size": self.env.world, "strategy": self.cfg.strategy}
+            tensors = {} if self.sharded else checkpoint_tensors(self.model, self.method)
+            save_checkpoint(self.run_dir, step, tensors, optim, trainer_state)
             write_status(self.run_dir, "running", checkpoint_step=step)
         self.last_checkpoint = step
 
@@ -597,8 +634,14 @@ class _Loop:
         folder, saved, skipped = found
         if skipped and self.env.main:  # said in the status, so nobody wonders why steps repeat
             write_status(self.run_dir, "running", resume_note=f"resumed from {folder.name}; unreadable: " + "; ".join(skipped))
-        restore_model_tensors(self.model, saved["model"], self.method)
-        self.optimizer.load_state_dict(saved["optimizer"]["optimizer"])
+        if fsdp.has_sharded_checkpoint(folder) != self.sharded:
+            was = "sharded (--strategy fsdp)" if fsdp.has_sharded_checkpoint(folder) else "whole (one process or ddp)"
+            raise ValueError(f"{folder.name} is {was}: resume it with the strategy it was written with")
+        if self.sharded:  # [FSDP hook 7] every rank reads its shard (DCP reshards for another world size)
+            fsdp.load_sharded_checkpoint(self.loss_module, self.optimizer, folder)
+        else:
+            restore_model_tensors(self.model, saved["model"], self.method)
+            self.optimizer.load_state_dict(saved["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(saved["optimizer"]["scheduler"])
         if self.scaler is not None and saved["optimizer"].get("scaler"):
             self.scaler.load_state_dict(saved["optimizer"]["scaler"])
@@ -620,7 +663,7 @@ def _train(
     resume: bool,
     signalled: dict[str, str | None],
 ) -> dict[str, Any]:
-    parts = prepare(cfg, env.device())
+    parts = prepare(cfg, env.device(), sharded=env.world > 1 and cfg.strategy == "fsdp")
     if env.main:
         write_json_atomic(run_dir / "data_report.json", parts["data_report"].to_dict())
     loop = _Loop(cfg, run_dir, env, parts)
@@ -653,7 +696,8 @@ def _train(
 def _estimate(cfg: TrainConfig, loop: _Loop) -> dict[str, Any] | None:
     """The memory estimate for this run's largest batch; never fails the run."""
     try:
-        return estimate_for_examples(cfg, loop.model, loop.examples, loop.device, loop.env.world).to_dict()
+        model = None if loop.sharded else loop.model  # sharded weights: counted on a meta copy
+        return estimate_for_examples(cfg, model, loop.examples, loop.device, loop.env.world, cfg.strategy).to_dict()
     except Exception as e:  # noqa: BLE001 - an estimate is advice, not a requirement
         return {"error": f"no estimate: {e}"}
 
@@ -703,7 +747,7 @@ def _run(
                 "elapsed_s": pos.elapsed_s,
                 "eta_s": (now - session_start) / done_here * (loop.total_steps - pos.step),
                 "progress": pos.step / loop.total_steps,
-                **memory_stats(loop.device),
+                **_memory_per_rank(loop),
             }
             if (cfg.eval_every and pos.step % cfg.eval_every == 0) or pos.step == loop.total_steps:
                 eval_loss = loop.evaluate()
@@ -732,14 +776,28 @@ def _run(
         return read_status(run_dir) if env.main else {}
     if final == "stopped" and pos.step > loop.last_checkpoint and pos.step > 0:
         loop.save_checkpoint()
-    if env.main and pos.step > 0:
-        _save_outputs(loop, pos.step)
+    if pos.step > 0:
+        # [FSDP hook 8] every rank gathers the adapter whole; rank 0 writes it as one process would
+        with fsdp.gathered_trainable(loop.model) if loop.sharded else contextlib.nullcontext():
+            if env.main:
+                _save_outputs(loop, pos.step)
     if env.main:
         fields: dict[str, Any] = {"step": pos.step, "finished_at": time.time()}
         if pos.step > 0:
             fields["adapter"] = str(run_dir / "adapter")
         write_status(run_dir, final, **fields)
     return read_status(run_dir) if env.main else {}
+
+
+def _memory_per_rank(loop: _Loop) -> dict[str, Any]:
+    """This rank's memory stats, and with several ranks every rank's peak (`rank_peak_mb`, the
+    CUDA peak on GPUs, else peak RSS): the memory chart shows each, FSDP's gain is per rank."""
+    stats: dict[str, Any] = memory_stats(loop.device)
+    if loop.env.world > 1:
+        slots = [0.0] * loop.env.world
+        slots[loop.env.rank] = stats.get("cuda_peak_mb", stats["peak_rss_mb"])
+        stats["rank_peak_mb"] = loop._all_sum(slots)
+    return stats
 
 
 def _save_outputs(loop: _Loop, step: int) -> None:
