@@ -74,8 +74,9 @@ def test_fsdp_run_equals_one_process_and_resumes(tiny_llama_dir, tmp_path):
     common = dict(data=str(data), model=tiny_llama_dir, rank=4, batch_size=4, epochs=1, eval_every=0, precision="fp32",
                   val_data=str(val))
     TrainConfig(out=str(tmp_path / "single"), checkpoint_every=0, **common).save(tmp_path / "single.json")
+    # gradient checkpointing too: the recompute gathers each block's weights again (same numbers)
     TrainConfig(out=str(tmp_path / "fsdp"), checkpoint_every=3, grad_accum_steps=2, strategy="fsdp",
-                **common).save(tmp_path / "fsdp.json")
+                gradient_checkpointing=True, **common).save(tmp_path / "fsdp.json")
     one = run_cli(["train", "--config", str(tmp_path / "single.json")])
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_cli(["train", "--config", str(tmp_path / "fsdp.json"), "--gpus", "2"])
