@@ -32,9 +32,11 @@ def test_sharded_layers_match_one_process(tmp_path):
     # One launch, three layer methods: each rank holds 1/2 of the weights (base included); loss,
     # gradient norm and gathered adapter equal the unsharded model on the whole batch; a sharded
     # checkpoint loads back exactly. DoRA's column norm and VeRA's shared matrices included.
-    out = torchrun([str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), "lora", "dora", "vera"])
+    # LoRA also with bf16 compute (MixedPrecisionPolicy) against the fp32 reference.
+    specs = ["lora", "dora", "vera", "lora:bf16"]
+    out = torchrun([str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), *specs])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for name in ("lora", "dora", "vera"):
+    for name in specs:
         for rank in (0, 1):
             assert f"OK {name} rank{rank}" in out.stdout
 
@@ -111,3 +113,13 @@ def test_fsdp_run_equals_one_process_and_resumes(tiny_llama_dir, tmp_path):
     for key, value in adapter(run).items():
         torch.testing.assert_close(value, a[key], rtol=1e-3, atol=1e-6)
     assert [r["loss"] for r in read_metrics(run)] == pytest.approx([r["loss"] for r in ma], rel=2e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
+def test_nccl_bf16_on_two_gpus(tmp_path):  # pragma: no cover - GPU machines only
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), "cuda", "lora", "lora:bf16", "dora:bf16"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("OK ") == 6
