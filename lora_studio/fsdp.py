@@ -108,9 +108,23 @@ def save_sharded_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, 
     """Every rank writes its shard of the trainable tensors and optimizer state into `folder`
     (`__R_0.distcp` per rank, `.metadata` by rank 0). All ranks must call; `folder` must be on
     storage every rank sees."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    # Never a checkpoint with NaN or inf weights (as for whole ones): every rank checks its shard.
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(_local(p)).all())]
+    flag = torch.tensor([float(len(bad))], device=_local(next(model.parameters())).device)
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    if flag.item():
+        first = f" (first: {bad[0]})" if bad else ""
+        raise ValueError(f"not writing the checkpoint: adapter tensors hold NaN or inf{first}; training diverged. "
+                         "Lower the learning rate and train again")
     dcp.save(_state(model, optimizer), checkpoint_id=str(folder))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_sharded(t) else t
 
 
 def has_sharded_checkpoint(folder: Path) -> bool:

@@ -13,6 +13,12 @@ the DDP ranks (under torchrun) and then into `grad_accum_steps` micro-batches; e
 micro-batch's summed token loss is divided by the trained-token count of the whole step, so
 the update equals the one of the unsplit batch (up to float summation order).
 
+Several processes: `cfg.strategy` ddp wraps the loss in DistributedDataParallel; fsdp shards
+model, gradients and optimizer state with FSDP2 (lora_studio/fsdp.py). The FSDP parts of this
+loop are marked `[FSDP hook N]`: the model left on CPU for sharding, sharding instead of DDP,
+no no_sync, the DTensor grad norm, an equal count of eval forwards, sharded checkpoints saved
+and restored, the adapter gathered before rank 0 writes it.
+
 Stopping: the loop reads RUN/control.json before each step (`stop`: save a checkpoint and the
 adapter of the current step; `abort`: leave without saving); SIGTERM and a first Ctrl-C are
 a `stop`. Resuming (`train(cfg, resume=True)`) restores adapter, optimizer, scheduler, RNG

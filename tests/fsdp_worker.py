@@ -117,6 +117,20 @@ def check(spec: str, rank: int, world: int, ckpt_root: Path, device: torch.devic
         back = {k: v.detach().clone() for k, v in trainable_parameters(sharded).items()}
     for k in got:
         torch.testing.assert_close(back[k], got[k], rtol=0, atol=0)
+    if spec == "lora":  # NaN in one rank's shard: no rank writes a checkpoint, both say why
+        victim = next(iter(trainable_parameters(sharded).values()))
+        saved = victim.detach().to_local().clone()
+        if rank == world - 1:
+            with torch.no_grad():
+                victim.to_local()[0] = float("nan")
+        try:
+            fsdp.save_sharded_checkpoint(sharded, opt, ckpt_root / "nan")
+            raise AssertionError("a NaN shard was written")
+        except ValueError as e:
+            assert "NaN or inf" in str(e), e
+        assert not (ckpt_root / "nan").exists() or not any((ckpt_root / "nan").iterdir())
+        with torch.no_grad():
+            victim.to_local().copy_(saved)
     print(f"OK {spec} rank{rank}", flush=True)
 
 
