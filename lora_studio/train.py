@@ -669,7 +669,8 @@ def _train(
     resume: bool,
     signalled: dict[str, str | None],
 ) -> dict[str, Any]:
-    parts = prepare(cfg, env.device(), sharded=env.world > 1 and cfg.strategy == "fsdp")
+    sharded = env.world > 1 and cfg.strategy == "fsdp"
+    parts = prepare(cfg, env.device(), sharded=True) if sharded else prepare(cfg, env.device())
     if env.main:
         write_json_atomic(run_dir / "data_report.json", parts["data_report"].to_dict())
     loop = _Loop(cfg, run_dir, env, parts)
