@@ -151,7 +151,9 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
         note = {"stop": " Stop requested: saving at the end of this step…", "abort": " Abort requested…"}.get(
             stopping or "", ""
         )
-        return f"**{run_id}: training**, step {step}{of_total}{loss}.{note}"
+        world = status.get("world_size") or 1
+        ranks = f" on {world} processes ({str(status.get('strategy', 'ddp')).upper()})" if world > 1 else ""
+        return f"**{run_id}: training**{ranks}, step {step}{of_total}{loss}.{note}"
     if state == "done":
         return (
             f"**{run_id}: finished** after {step} steps{loss}. The adapter is saved in `adapter/`: chat with it in "

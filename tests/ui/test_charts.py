@@ -88,3 +88,9 @@ def test_live_loss_has_its_eval_series_before_the_first_eval():
     assert charts.live_loss_frame(ROWS[:1], has_eval=False)["series"].tolist() == ["train"]
     assert charts.live_loss_frame(ROWS, has_eval=True)["series"].tolist().count("eval") == 1  # the real one only
     assert charts.live_loss_frame([], has_eval=True).empty
+
+
+def test_a_run_on_several_processes_says_how_many_and_the_strategy():
+    text = charts.status_markdown("r1", {"state": "running", "step": 3, "total_steps": 9, "world_size": 4, "strategy": "fsdp"})
+    assert "training** on 4 processes (FSDP), step 3 of 9" in text
+    assert "processes" not in charts.status_markdown("r1", {"state": "running", "step": 3, "world_size": 1})
