@@ -23,7 +23,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     _train_flags(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument(
-        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
+        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs under torchrun"
     )
 
 
@@ -92,6 +92,12 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report-to", choices=["trackio", "tensorboard", "wandb"], dest="report_to",
         help="also send the metrics to this tracker (its pip package must be installed; default: none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategy", choices=["auto", "ddp", "fsdp"],
+        help="with several processes: ddp (whole model on each), fsdp (FSDP2: weights, gradients and optimizer "
+        "sharded, 1/N on each), auto (default: fsdp only when the memory estimate exceeds one device). "
+        "See docs/distributed.md",
     )  # fmt: skip
 
 
@@ -268,7 +274,7 @@ def progress_line(row: dict[str, Any], total: int | None) -> str:
     return line
 
 
-def check_before_training(cfg: TrainConfig) -> None:
+def check_before_training(cfg: TrainConfig, world: int = 1) -> None:
     """The Train tab's pre-run checks (lora_studio.preflight), with the facts the Data tab would
     have found: usable rows and the longest row. Data with errors is left to the run, whose
     message names the file, row and field."""
@@ -281,7 +287,7 @@ def check_before_training(cfg: TrainConfig) -> None:
     preview = inspect_data(cfg.data, tokenizer, fmt=cfg.format, columns=parse_columns(cfg.columns),
                            system_prompt=cfg.system_prompt, max_seq_len=cfg.max_seq_len)
     rows, max_tokens = data_facts(preview, cfg.max_seq_len) if preview.report.ok or cfg.drop_invalid else (None, None)
-    preflight(cfg, rows=rows, max_tokens=max_tokens)
+    preflight(cfg, rows=rows, max_tokens=max_tokens, world=world)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -291,9 +297,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _resume_config(args) if args.resume else config_from_args(args)
     # A new run gets the Train tab's checks before a run folder exists; not a resume (it passed
     # them when it started), a runner-started worker (the tab ran them) or a torchrun rank.
-    if not (args.resume or os.environ.get("LORA_STUDIO_SUPERVISED") or "WORLD_SIZE" in os.environ):
-        check_before_training(cfg)
     n_gpus = _gpu_count(args.gpus)
+    if not (args.resume or os.environ.get("LORA_STUDIO_SUPERVISED") or "WORLD_SIZE" in os.environ):
+        check_before_training(cfg, world=max(1, n_gpus))
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(n_gpus, args.argv)
     if not os.environ.get("LORA_STUDIO_SUPERVISED"):

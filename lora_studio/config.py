@@ -97,6 +97,13 @@ class TrainConfig:
     eval_every: int = 50
     """Compute the validation loss every N optimizer steps and at the last step (when there is
     validation data); 0: only at the last step."""
+    strategy: str = "auto"
+    """How several processes (torchrun, `--gpus N`) share the work. `ddp`: each holds the whole
+    model and they average gradients (DistributedDataParallel). `fsdp`: FSDP2 shards the weights,
+    the frozen base included, the adapter's gradients and the optimizer state, so each holds
+    1/N of them: for models that do not fit one device (not with a 4-bit base, LoRA-Pro,
+    Delta-LoRA or LoRA-FA's projected gradient). `auto`: DDP when the memory estimate fits one
+    device, else FSDP. One process ignores it."""
     report_to: str | None = None
     """Also send each metrics row (what the charts show) to an experiment tracker: `trackio`,
     `tensorboard` (RUN/tensorboard) or `wandb`, each an optional package imported only then.
@@ -203,6 +210,8 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16 (got {self.precision!r})")
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            problems.append(f"strategy must be auto, ddp or fsdp (got {self.strategy!r})")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be 0 or more (got {self.checkpoint_every})")
         if self.eval_every < 0:

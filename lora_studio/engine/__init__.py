@@ -3,6 +3,7 @@
   plan.py        Plan: everything decided once per run (method, device, precision, micro-batch)
   loss.py        the causal-LM loss over trained positions
   dist.py        torchrun ranks, batch sharding, collectives (no-ops on one process)
+  fsdp.py        FSDP2 sharding (strategy fsdp): shard, gather the adapter, DCP checkpoints, refusals
   optim.py       optimizer (the method's, else AdamW) and the linear schedule
   loop.py        Trainer: step, evaluate, fit, save_checkpoint, restore
   run.py         train(): the run folder's lifecycle, signals, errors; the one writer of status.json

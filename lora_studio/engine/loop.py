@@ -6,6 +6,12 @@ the DDP ranks (under torchrun) and then into `grad_accum_steps` micro-batches; e
 micro-batch's summed token loss is divided by the trained-token count of the whole step, so
 the update equals the one of the unsplit batch (up to float summation order).
 
+Several processes: `plan.strategy` ddp wraps the loss in DistributedDataParallel; fsdp shards
+model, gradients and optimizer state with FSDP2 (engine/fsdp.py). The FSDP parts are marked
+`[FSDP hook N]`: the model left on CPU for sharding (prepare), sharding instead of DDP, no
+no_sync, the DTensor grad norm, an equal count of eval forwards, sharded checkpoints saved and
+restored (hooks 0 and 8: plan.py and run.py).
+
 Resuming (`Trainer.restore`) restores adapter, optimizer, scheduler, RNG states and the data
 position from the last checkpoint, and the run continues bit for bit.
 
@@ -28,7 +34,7 @@ import torch
 from torch import nn
 
 from lora_studio.data import build_datasets, check_packing, collate, length_grouped_batches, pack_examples
-from lora_studio.engine import dist
+from lora_studio.engine import dist, fsdp
 from lora_studio.engine.checkpoint import (
     checkpoint_tensors,
     load_latest_checkpoint,
@@ -63,7 +69,8 @@ def prepare(plan: Plan) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     examples, val_examples, report = build_datasets(cfg, tokenizer)
     model = load_model(cfg.model, dtype=plan.base_dtype, trust_remote_code=cfg.trust_remote_code, quantize=cfg.quantize)
-    model.to(device)
+    if not plan.sharded:  # [FSDP hook 1] fully_shard moves only this rank's shard to the device
+        model.to(device)
     if cfg.packing:
         check_packing(model)
         examples = pack_examples(examples, cfg.max_seq_len)
@@ -133,6 +140,13 @@ class Trainer:
             check_batch(cfg.batch_size, len(self.examples))
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        self.sharded = plan.sharded
+        self.loss_module: nn.Module = _SummedLoss(self.model)
+        if self.sharded:
+            # [FSDP hook 2] instead of DDP: shard each decoder layer and the loss module as root (its
+            # forward is what the loop calls, so its hook gathers embeddings and LM head). Before the
+            # optimizer: fully_shard replaces the parameters by sharded DTensor ones.
+            self.loss_module = fsdp.shard_model(self.loss_module, fsdp.decoder_layers(self.model), self.autocast_dtype)
         self.optimizer = self.method.make_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -142,7 +156,8 @@ class Trainer:
         self.total_steps = plan_steps(cfg, self.batches_per_epoch)
         self.scheduler = linear_schedule(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.params = list(trainable_parameters(self.model).values())
-        self.loss_module = dist.wrap_for_ranks(_SummedLoss(self.model), env, self.device)
+        if not self.sharded:
+            self.loss_module = dist.wrap_for_ranks(self.loss_module, env, self.device)
         self.pos = Position()
         self.last_checkpoint = -1
         # Probe answers and early stopping, read at each evaluation (rank 0; see probes.py).
@@ -189,7 +204,7 @@ class Trainer:
                     "elapsed_s": pos.elapsed_s,
                     "eta_s": (now - session_start) / (pos.step - session_first_step) * (self.total_steps - pos.step),
                     "progress": pos.step / self.total_steps,
-                    **memory_stats(self.device),
+                    **self._memory_per_rank(),
                 }
                 if (cfg.eval_every and pos.step % cfg.eval_every == 0) or pos.step == self.total_steps:
                     eval_loss = self.evaluate()
@@ -225,6 +240,16 @@ class Trainer:
             self.save_checkpoint()
         return final
 
+    def _memory_per_rank(self) -> dict[str, Any]:
+        """This rank's memory stats, and with several ranks every rank's peak (`rank_peak_mb`, the
+        CUDA peak on GPUs, else peak RSS): the memory chart shows each, FSDP's gain is per rank."""
+        stats: dict[str, Any] = memory_stats(self.device)
+        if self.env.world > 1:
+            slots = [0.0] * self.env.world
+            slots[self.env.rank] = stats.get("cuda_peak_mb", stats["peak_rss_mb"])
+            stats["rank_peak_mb"] = self._all_sum(slots)
+        return stats
+
     def log(self, row: dict[str, Any], on_step: StepCallback | None) -> None:
         """The step's metrics row to metrics.jsonl, the status and `on_step` (rank 0)."""
         if not self.env.main:
@@ -258,7 +283,10 @@ class Trainer:
         for k, (batch, weight) in enumerate(zip(micro, weights)):
             batch = {key: v.to(self.device) for key, v in batch.items()}
             last = k == len(micro) - 1
-            sync = contextlib.nullcontext() if last or env.world == 1 else self.loss_module.no_sync()
+            # [FSDP hook 3] FSDP reduce-scatters every micro-batch into the sharded gradients (no
+            # no_sync: keeping whole unsharded gradients would cost the memory FSDP saves)
+            quiet = not last and env.world > 1 and not self.sharded
+            sync = self.loss_module.no_sync() if quiet else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     summed = self.loss_module(batch)
@@ -272,6 +300,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+        grad_norm = fsdp.full_norm(grad_norm)  # [FSDP hook 4] over DTensor gradients: a DTensor
         if self.scaler is None and not math.isfinite(float(grad_norm)):
             # (fp16's scaler skips an overflowing step itself and lowers its scale: a rare inf is
             # expected there, and `scaler.step` below applies nothing for it.)
@@ -305,12 +334,22 @@ class Trainer:
         mine = order[self.env.rank :: self.env.world]
         size = self.plan.eval_batch
         total = count = 0.0
-        for start in range(0, len(mine), size):
-            batch = collate([self.val_examples[i] for i in mine[start : start + size]], self.tokenizer.pad_token_id)
+        starts = list(range(0, len(mine), size))
+        if self.sharded:  # [FSDP hook 5] each forward gathers weights with every rank: same count of calls
+            most = math.ceil(math.ceil(len(order) / self.env.world) / size)
+            starts += [-1] * (most - len(starts))  # -1: a dummy batch whose loss is not counted
+        for start in starts:
+            ids = mine[start : start + size] if start >= 0 else order[:1]
+            batch = collate([self.val_examples[i] for i in ids], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             with self._autocast():
-                loss, n = causal_lm_loss(self.model, {k: v.to(self.device) for k, v in batch.items()})
-            total += float(loss)
-            count += n
+                if self.sharded:
+                    loss, n = self.loss_module(batch), count_targets(batch)
+                else:
+                    loss, n = causal_lm_loss(self.model, batch)
+            if start >= 0:
+                total += float(loss)
+                count += n
         total, count = self._all_sum([total, count])
         self.model.train()
         return total / max(1.0, count)
@@ -324,15 +363,19 @@ class Trainer:
             shutil.rmtree(folder)
         dist.barrier(self.env)
         write_rank_rng(folder, self.env.rank, rng_state(self.device, self.epoch_start_state))
+        if self.sharded:  # [FSDP hook 6] each rank writes its shard of adapter and optimizer (DCP)
+            fsdp.save_sharded_checkpoint(self.loss_module, self.optimizer, folder)
         dist.barrier(self.env)
         if self.env.main:
             optim = {
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             }
-            trainer_state = {**asdict(self.pos), "world_size": self.env.world}
-            save_checkpoint(self.run_dir, step, checkpoint_tensors(self.model, self.method), optim, trainer_state)
+            if not self.sharded:
+                optim["optimizer"] = self.optimizer.state_dict()
+            trainer_state = {**asdict(self.pos), "world_size": self.env.world, "strategy": self.plan.strategy}
+            tensors = {} if self.sharded else checkpoint_tensors(self.model, self.method)
+            save_checkpoint(self.run_dir, step, tensors, optim, trainer_state)
             self.report(checkpoint_step=step)
         self.last_checkpoint = step
 
@@ -344,8 +387,14 @@ class Trainer:
         folder, saved, skipped = found
         if skipped and self.env.main:  # said in the status, so nobody wonders why steps repeat
             self.report(resume_note=f"resumed from {folder.name}; unreadable: " + "; ".join(skipped))
-        restore_model_tensors(self.model, saved["model"], self.method)
-        self.optimizer.load_state_dict(saved["optimizer"]["optimizer"])
+        if fsdp.has_sharded_checkpoint(folder) != self.sharded:
+            was = "sharded (--strategy fsdp)" if fsdp.has_sharded_checkpoint(folder) else "whole (one process or ddp)"
+            raise ValueError(f"{folder.name} is {was}: resume it with the strategy it was written with")
+        if self.sharded:  # [FSDP hook 7] every rank reads its shard (DCP reshards for another world size)
+            fsdp.load_sharded_checkpoint(self.loss_module, self.optimizer, folder)
+        else:
+            restore_model_tensors(self.model, saved["model"], self.method)
+            self.optimizer.load_state_dict(saved["optimizer"]["optimizer"])
         self.scheduler.load_state_dict(saved["optimizer"]["scheduler"])
         if self.scaler is not None and saved["optimizer"].get("scaler"):
             self.scaler.load_state_dict(saved["optimizer"]["scaler"])

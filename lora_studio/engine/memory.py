@@ -24,6 +24,11 @@
   activations, and with gradient checkpointing 0.5 × the activations the step would keep
   without it (glibc retains freed block intermediates; both factors measured, see below);
   0.25 × on CUDA (not measured: no GPU was available when this was written).
+* several processes (`world` > 1), per rank: with `strategy=ddp` every rank holds all of the
+  weights, adapter, gradients and optimizer state, and a 1/world share of the batch. With
+  `fsdp` (FSDP2) weights, adapter, gradients and optimizer state are divided by world, plus the
+  whole weights of two blocks (the one running and the next, gathered ahead) and, at the root,
+  the embeddings and LM head gathered for the forward: `gathered_mb`.
 * runtime: Python, torch, transformers and tokenizers in a CPU process (400 MB); on a GPU the
   CUDA context (about 500 MB) is outside torch's counters and not part of `total_mb`.
 
@@ -81,11 +86,16 @@ class MemoryEstimate:
     micro_batch: int
     seq_len: int
     notes: list[str] = field(default_factory=list)
+    strategy: str = "single"
+    """`single` (one process), `ddp` or `fsdp`: the numbers are per rank."""
+    world: int = 1
+    gathered_mb: float = 0.0
+    """FSDP only: the whole weights gathered for the block running (and the next), per rank."""
 
     @property
     def total_mb(self) -> float:
         parts = (
-            self.weights_mb + self.adapter_mb + self.gradients_mb + self.optimizer_mb
+            self.gathered_mb + self.weights_mb + self.adapter_mb + self.gradients_mb + self.optimizer_mb
             + self.activations_mb + self.logits_mb + self.workspace_mb
         )
         return parts + (self.runtime_mb if self.device == "cpu" else 0.0)
@@ -99,7 +109,9 @@ class MemoryEstimate:
             f"~{self.total_mb / 1024:.2f} GiB {where}: weights {self.weights_mb:.0f} MiB, adapter+grads+optimizer "
             f"{self.adapter_mb + self.gradients_mb + self.optimizer_mb:.0f} MiB, activations "
             f"{self.activations_mb + self.logits_mb + self.workspace_mb:.0f} MiB"
+            + (f", gathered blocks {self.gathered_mb:.0f} MiB" if self.strategy == "fsdp" else "")
             + (f", runtime {self.runtime_mb:.0f} MiB" if self.device == "cpu" else "")
+            + (f" — per rank of {self.world} ({self.strategy.upper()})" if self.world > 1 else "")
         )
 
 
@@ -253,12 +265,15 @@ def estimate(
     seq_len: int | None = None,
     trained_tokens: int | None = None,
     model: nn.Module | None = None,
+    strategy: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of training `plan` (see the module docstring for the parts).
 
     `seq_len` is the padded length of the largest batch (default `max_seq_len`, the worst
     case); `trained_tokens` the positions with a loss in that micro-batch (default: half of
     them). `model` is an already built model with its adapter (else one is built on `meta`).
+    `strategy` (default `plan.strategy`; `single` counts as ddp) splits the parts per rank when
+    `plan.world` > 1 (see the module docstring).
     """
     from lora_studio.methods import count_parameters
 
@@ -298,12 +313,23 @@ def estimate(
         workspace = 0.5 * tokens * arch.layers * per_block * elem
     else:
         workspace = activations
+    weights = _weight_bytes(built, cfg, base_dtype, linears)
+    world = plan.world
+    strategy = "single" if world <= 1 else ("fsdp" if (strategy or plan.strategy) == "fsdp" else "ddp")
+    shard, gathered = 1.0, 0.0
+    if strategy == "fsdp":
+        shard = 1.0 / world
+        per_block = (weights - _root_bytes(built)) / max(1, arch.layers)
+        gathered = (2 * per_block + _root_bytes(built)) * (1 - shard)  # this rank's share is counted already
+        notes.append(f"per rank of {world}: weights, adapter, gradients and optimizer state sharded 1/{world}")
+    elif strategy == "ddp":
+        notes.append(f"per rank of {world}: each rank holds the whole model, adapter and optimizer state")
     return MemoryEstimate(
         device=device_t.type,
-        weights_mb=_weight_bytes(built, cfg, base_dtype, linears) / MB,
-        adapter_mb=adapter / MB,
-        gradients_mb=adapter / MB,
-        optimizer_mb=2 * adapter / MB,
+        weights_mb=weights * shard / MB,
+        adapter_mb=adapter * shard / MB,
+        gradients_mb=adapter * shard / MB,
+        optimizer_mb=2 * adapter * shard / MB,
         activations_mb=activations / MB,
         logits_mb=logits / MB,
         workspace_mb=workspace / MB,
@@ -313,10 +339,48 @@ def estimate(
         micro_batch=micro,
         seq_len=seq,
         notes=notes,
+        strategy=strategy,
+        world=max(1, world),
+        gathered_mb=gathered / MB,
     )
 
 
-def estimate_for_examples(plan: Plan, model: nn.Module, examples: list[Any]) -> MemoryEstimate:
+def _root_bytes(model: nn.Module) -> float:
+    """Bytes of the frozen weights outside the decoder blocks (embeddings, final norm, LM head)."""
+    from lora_studio.engine.fsdp import decoder_layers
+
+    inside = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    return float(sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside and not p.requires_grad))
+
+
+def pick_strategy(plan: Plan, capacity_mb: float | None = None) -> str:
+    """`cfg.strategy` with `auto` decided: ddp when the DDP estimate per rank fits one device's
+    memory (`capacity_mb`; default: the GPU's, or on a CPU the free RAM shared by the ranks),
+    else fsdp where the run can shard. One process: `single`. (make_plan calls it.)"""
+    cfg, world, device = plan.cfg, plan.world, plan.device
+    if world <= 1:
+        return "single"
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    from lora_studio.engine.fsdp import fsdp_refusal
+
+    if fsdp_refusal(plan.method, cfg) is not None:
+        return "ddp"
+    if capacity_mb is None:
+        if device.type == "cuda":
+            capacity_mb = torch.cuda.get_device_properties(device).total_memory / MB
+        else:
+            import psutil
+
+            capacity_mb = psutil.virtual_memory().available / MB / world
+    try:
+        need = estimate(plan, strategy="ddp").total_mb
+    except Exception:  # noqa: BLE001 - no estimate for this model: DDP, the choice that needs no sharding rules
+        return "ddp"
+    return "ddp" if need <= capacity_mb else "fsdp"
+
+
+def estimate_for_examples(plan: Plan, model: nn.Module | None, examples: list[Any]) -> MemoryEstimate:
     """The estimate for the largest micro-batch of this data (the loop groups by length)."""
     longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[: plan.micro_batch]
     seq = len(longest[0].input_ids) if longest else plan.cfg.max_seq_len

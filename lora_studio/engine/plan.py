@@ -4,6 +4,10 @@
 looks the method up, checks the config against it and decides the precision; the loop, the
 memory estimate and the checkpoint code read the answers from the Plan and never decide again.
 
+Strategy (several processes): `plan.strategy` is `single` (one process), `ddp` or `fsdp`, with
+`auto` decided from the memory estimate (`memory.pick_strategy`) and `fsdp` refused where the
+method or a setting cannot shard (`fsdp.fsdp_refusal`) [FSDP hook 0].
+
 Precision: `resolve_precision(cfg, device)` turns `cfg.precision` (auto, fp32, bf16, fp16) into
 the autocast dtype and the dtype the frozen base is loaded in; `stores_frozen_linears_in_bf16`
 says whether the loop then keeps the frozen linear weights in bf16 on top of that.
@@ -11,6 +15,7 @@ says whether the loop then keeps the frozen linear weights in bf16 on top of tha
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -44,6 +49,14 @@ class Plan:
     """Sequences per forward pass at most: batch_size split over grad_accum_steps and the ranks."""
     eval_batch: int
     """Sequences per forward pass of the evaluation (per rank)."""
+    strategy: str = "single"
+    """How the ranks share the work: `single` (one process), `ddp` or `fsdp` (`cfg.strategy` with
+    `auto` decided); the loop, the estimate and the checkpoints read this, never `cfg.strategy`."""
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: weights, gradients and optimizer state sharded over the ranks (lora_studio/engine/fsdp.py)."""
+        return self.strategy == "fsdp"
 
     @property
     def precision(self) -> str:
@@ -60,15 +73,18 @@ def micro_batch_size(batch_size: int, grad_accum_steps: int, world: int = 1) -> 
     return max(1, math.ceil(batch_size / (grad_accum_steps * max(1, world))))
 
 
-def make_plan(cfg: TrainConfig, device: torch.device | str | None = None, world: int = 1) -> Plan:
+def make_plan(
+    cfg: TrainConfig, device: torch.device | str | None = None, world: int = 1, capacity_mb: float | None = None
+) -> Plan:
     """Resolve `cfg`, check it against its method (ValueError saying why and what to pick
-    instead) and decide the precision for `device` (default: the GPU if there is one)."""
+    instead), decide the precision for `device` (default: the GPU if there is one) and, with
+    `world` > 1, the strategy (`capacity_mb`: one rank's memory for `auto`; default: the device's)."""
     cfg = cfg.resolved()
     method = get_method(cfg.method)
     check_config(method, cfg)  # impossible combinations fail before anything is loaded
     device = torch.device(device) if device is not None else default_device()
     autocast, base_dtype = resolve_precision(cfg, device)
-    return Plan(
+    plan = Plan(
         cfg=cfg,
         method=method,
         device=device,
@@ -79,6 +95,17 @@ def make_plan(cfg: TrainConfig, device: torch.device | str | None = None, world:
         micro_batch=micro_batch_size(cfg.batch_size, cfg.grad_accum_steps, world),
         eval_batch=max(1, cfg.batch_size // cfg.grad_accum_steps),
     )
+    if world <= 1:
+        return plan
+    # [FSDP hook 0] auto decided from the memory estimate; fsdp refused where it cannot work
+    from lora_studio.engine.fsdp import fsdp_refusal
+    from lora_studio.engine.memory import pick_strategy
+
+    strategy = pick_strategy(plan, capacity_mb)
+    why = fsdp_refusal(method, cfg) if strategy == "fsdp" else None
+    if why:
+        raise ValueError(why)
+    return dataclasses.replace(plan, strategy=strategy)
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:

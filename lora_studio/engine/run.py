@@ -38,7 +38,7 @@ from lora_studio import runfiles as rf
 from lora_studio.adapters import save_adapter
 from lora_studio.compare import default_generation
 from lora_studio.config import TrainConfig
-from lora_studio.engine import dist
+from lora_studio.engine import dist, fsdp
 from lora_studio.engine.checkpoint import CHECKPOINTS
 from lora_studio.engine.loop import StepCallback, Trainer, prepare
 from lora_studio.engine.memory import estimate_for_examples
@@ -93,7 +93,7 @@ def train(
             cfg.save(run_dir / "config.json")
         status.running(
             pid=os.getpid(), pid_started=_process_started(), host=rf.hostname(), started_at=time.time(), error=None,
-            finished_at=None, world_size=env.world, method=cfg.method, model=cfg.model,
+            finished_at=None, world_size=env.world, strategy=plan.strategy, method=cfg.method, model=cfg.model,
         )  # fmt: skip
         with (
             _signals_request_stop() as signalled,
@@ -165,8 +165,11 @@ def _train(
         fields.update(best_step=best_step, best_value=watch.stopper.best, watched=watch.metric)
         if trainer.early_stop_step is not None:
             fields["stop_reason"] = watch.stop_reason(trainer.early_stop_step)
-    if env.main and step > 0:
-        save_outputs(trainer, best_step or step)
+    if step > 0:
+        # [FSDP hook 8] every rank gathers the adapter whole; rank 0 writes it as one process would
+        with fsdp.gathered_trainable(trainer.model) if plan.sharded else contextlib.nullcontext():
+            if env.main:
+                save_outputs(trainer, best_step or step)
         fields["adapter"] = str(run_dir / "adapter")
     return status.finish(final, **fields)
 
@@ -174,7 +177,8 @@ def _train(
 def _estimate(plan: Plan, trainer: Trainer) -> dict[str, Any] | None:
     """The memory estimate for this run's largest batch; never fails the run."""
     try:
-        return estimate_for_examples(plan, trainer.model, trainer.examples).to_dict()
+        model = None if plan.sharded else trainer.model  # sharded weights: counted on a meta copy
+        return estimate_for_examples(plan, model, trainer.examples).to_dict()
     except Exception as e:  # noqa: BLE001 - an estimate is advice, not a requirement
         return {"error": f"no estimate: {e}"}
 

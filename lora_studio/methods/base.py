@@ -139,6 +139,10 @@ class Method:
     """False where the method must write the base weight (Delta-LoRA)."""
     why_not_4bit: str = ""
     """Shown when a 4-bit base is refused: why, and what to pick instead."""
+    fsdp_note: str | Callable[[Any], str | None] | None = None
+    """Why the method cannot train with `--strategy fsdp` (its maths needs whole tensors outside
+    a layer's forward, where FSDP2 holds only this rank's rows), or (cfg) -> that reason where
+    it depends on an option; None: it shards."""
     new_context: Callable[[nn.Module, list[str], Any], dict] = lambda model, names, cfg: {}
     """Builds what all layers of one model share (VeRA's frozen random matrices)."""
     build_optimizer: Callable[..., torch.optim.Optimizer] | None = None

@@ -183,4 +183,8 @@ DELTA_LORA = Method(
     export_state=export_delta_lora,
     export_config=export_delta_lora_config,
     import_state=import_delta_lora,
+    fsdp_note=(
+        "its after-step rule adds the change of B·A to the whole base weight W, a product of two "
+        "sharded matrices written into a third, outside any layer's forward where FSDP2 gathers them"
+    ),
 )

@@ -66,16 +66,25 @@ def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame(records, ["step", "lr", "series"])
 
 
-def memory_frame(rows: list[dict[str, Any]], estimate_mb: float | None) -> pd.DataFrame:
+def memory_frame(rows: list[dict[str, Any]], estimate_mb: float | None, per_rank: bool = True) -> pd.DataFrame:
     """step, MiB, series: the measured peak (GPU where there is one, else process RSS) and the
-    estimate made before training as a flat reference line over the same steps."""
+    estimate made before training as a flat reference line over the same steps. A run on
+    several processes logs every rank's peak (`rank_peak_mb`): one line per rank then (the
+    estimate is per rank too), unless `per_rank` is False (rank 0 only, one line per run)."""
     key, label = ("cuda_peak_mb", "measured GPU peak") if any("cuda_peak_mb" in r for r in rows) else (
         "peak_rss_mb", "measured peak RSS"
     )
-    records = [{"step": r["step"], "MiB": float(r[key]), "series": label} for r in rows if _num(r.get(key))]
+    records = []
+    for r in rows:
+        ranks = r.get("rank_peak_mb") if per_rank else None
+        if isinstance(ranks, list) and all(_num(v) for v in ranks):
+            records += [{"step": r["step"], "MiB": float(v), "series": f"{label}, rank {i}"} for i, v in enumerate(ranks)]
+        elif _num(r.get(key)):
+            records.append({"step": r["step"], "MiB": float(r[key]), "series": label})
     if estimate_mb and records:
         first, last = records[0]["step"], records[-1]["step"]
-        records += [{"step": s, "MiB": float(estimate_mb), "series": "estimate"} for s in sorted({first, last})]
+        name = "estimate per rank" if any(r.get("rank_peak_mb") for r in rows) else "estimate"
+        records += [{"step": s, "MiB": float(estimate_mb), "series": name} for s in sorted({first, last})]
     return frame(records, ["step", "MiB", "series"])
 
 
@@ -142,7 +151,9 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
         note = {"stop": " Stop requested: saving at the end of this step…", "abort": " Abort requested…"}.get(
             stopping or "", ""
         )
-        return f"**{run_id}: training**, step {step}{of_total}{loss}.{note}"
+        world = status.get("world_size") or 1
+        ranks = f" on {world} processes ({str(status.get('strategy', 'ddp')).upper()})" if world > 1 else ""
+        return f"**{run_id}: training**{ranks}, step {step}{of_total}{loss}.{note}"
     if state == "done":
         if status.get("stop_reason"):  # early stopping: why, at which step, and which step's adapter was kept
             return (f"**{run_id}: stopped early**: {status['stop_reason']}. Chat with it in **Compare**, "

@@ -77,7 +77,7 @@ def overlay(studio: Studio, run_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFr
         rows = studio.runner.metrics(run_id)
         for r in charts.loss_frame(rows).to_dict("records"):
             losses.append({"step": r["step"], "loss": r["loss"], "run": f"{run_id} ({r['series']})"})
-        for r in charts.memory_frame(rows, None).to_dict("records"):
+        for r in charts.memory_frame(rows, None, per_rank=False).to_dict("records"):
             memory.append({"step": r["step"], "MiB": r["MiB"], "run": run_id})
     return charts.frame(losses, ["step", "loss", "run"]), charts.frame(memory, ["step", "MiB", "run"])
 

@@ -30,8 +30,24 @@ FIELDS = (
     "model", "quantize", "method", "rank", "alpha", "lr", "lr_ratio", "epochs", "batch_size", "max_seq_len",
     "dropout", "max_steps", "target", "seed", "warmup_ratio", "weight_decay", "use_rslora", "val_fraction",
     "packing", "drop_invalid", "grad_accum_steps", "gradient_checkpointing", "precision", "checkpoint_every",
-    "eval_every", "method_options", "probes", "early_stop", "trust_remote_code",
+    "eval_every", "method_options", "probes", "early_stop", "trust_remote_code", "strategy",
 )  # fmt: skip
+
+STRATEGIES = [
+    ("auto: DDP if the model fits one GPU, else FSDP", "auto"),
+    ("DDP: the whole model on each GPU", "ddp"),
+    ("FSDP: the model sharded over the GPUs (1/N each)", "fsdp"),
+]
+
+
+def visible_gpus(studio: Studio) -> int:
+    """The GPUs a run started here uses (the runner's `--gpus`): 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    gpus = str(getattr(studio.runner, "gpus", "auto"))
+    return torch.cuda.device_count() if gpus == "auto" else min(int(gpus), torch.cuda.device_count())
 
 
 def method_line(name: str) -> str:
@@ -187,16 +203,19 @@ def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> 
     check_model_spec(cfg.model)
     if not cfg.trust_remote_code:  # a custom tokenizer would need the opt-in: the worker checks that one
         studio.tokenizer(cfg.model)  # a Hub id that is wrong, or not cached while offline
-    preflight(cfg, rows=selection.get("rows"), max_tokens=selection.get("max_tokens"))
+    preflight(cfg, rows=selection.get("rows"), max_tokens=selection.get("max_tokens"), world=max(1, visible_gpus(studio)))
 
 
-def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
+def preflight_text(cfg: TrainConfig, seq_len: int | None, world: int = 1) -> str:
+    """Parameters and the memory estimate (per rank on several GPUs, for the strategy the run
+    will use), and warnings about settings this machine cannot honour."""
     import torch
 
     from lora_studio.engine.memory import estimate
     from lora_studio.engine.plan import make_plan
 
-    plan = make_plan(cfg)
+    # per rank for the strategy the run will use (auto decided; fsdp refused where it cannot work)
+    plan = make_plan(cfg, "cuda" if torch.cuda.is_available() else "cpu", world)
     cfg = plan.cfg
     est = estimate(plan, seq_len=seq_len)
     share = 100.0 * est.trainable_params / max(1, est.total_params)
@@ -206,6 +225,8 @@ def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
     )
     if cfg.quantize == "4bit" and not torch.cuda.is_available():
         text += "\n\n⚠ A 4-bit base needs a CUDA GPU and this machine has none: untick it to train here."
+    if cfg.quantize == "4bit" and world > 1:
+        text += "\n\nA 4-bit base trains with DDP on every GPU: bitsandbytes' NF4 weights do not shard under FSDP."
     if cfg.trust_remote_code:
         text += "\n\n⚠ Trust remote code is on: the model repo's Python code will run on this machine."
     return text
@@ -264,6 +285,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
                     label="Early stop: evaluations without a better eval loss (0 = off; keeps the best)", value=0,
                     precision=0, elem_id="early-stop",
                 )  # fmt: skip
+            # Only where the runs get more than one GPU: one process has nothing to share out.
+            strategy = gr.Dropdown(
+                label="Multi-GPU strategy", choices=STRATEGIES, value="auto", visible=visible_gpus(studio) > 1,
+                info="FSDP holds 1/N of the model per GPU; not with a 4-bit base (it stays on DDP), LoRA-Pro, "
+                "Delta-LoRA or LoRA-FA's projected gradient. See docs/distributed.md.",
+                elem_id="strategy",
+            )
             # Offered only where the operator allowed it at launch on a local server; kept hidden
             # otherwise (its place in /start's inputs stays), and refused over the API.
             trust = gr.Checkbox(
@@ -295,7 +323,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     widgets = [
         model, quantize, method, rank, alpha, lr, lr_ratio, epochs, batch_size, max_len, dropout, max_steps, target,
         seed, warmup, weight_decay, rslora, val_fraction, packing, drop_invalid, accum, checkpointing, precision,
-        checkpoint_every, eval_every, options, probes, early_stop, trust,
+        checkpoint_every, eval_every, options, probes, early_stop, trust, strategy,
     ]  # fmt: skip
     assert len(widgets) == len(FIELDS)
 
@@ -313,13 +341,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             check_remote_code(studio, cfg)
             studio.check_model(cfg.model)  # no sizes of a server folder's model either
             check_model_spec(cfg.model)  # a missing folder named as such, not as a bad Hub id
-            return preflight_text(cfg, (sel or {}).get("max_tokens"))
+            return preflight_text(cfg, (sel or {}).get("max_tokens"), max(1, visible_gpus(studio)))
         except Exception as e:  # noqa: BLE001 - shown as advice; Start reports it again as an error
             return f"**Settings to fix:** {e}"
 
     gr.on(
         [w.change for w in (model, quantize, method, rank, alpha, lr, lr_ratio, batch_size, max_len, target, accum,
-                            checkpointing, precision, options)] + [selection.change, demo.load],
+                            checkpointing, precision, options, strategy)] + [selection.change, demo.load],
         check, [selection, *widgets], preflight, trigger_mode="always_last", api_name="preflight",
     )  # fmt: skip
 

@@ -124,3 +124,57 @@ def test_activation_estimate_on_the_bundled_model():
     est = estimate(make_plan(cfg, "cpu"), seq_len=96, trained_tokens=trained, model=model)
     # The padding mask term (batch > 1) is absent here: no padding in this batch.
     assert est.activations_mb * MB - 2 * 96 * 96 == pytest.approx(measured, rel=BAND)
+
+
+def test_per_rank_estimate_for_ddp_and_fsdp(tiny_llama_dir):
+    from lora_studio.engine.memory import pick_strategy
+
+    cfg = TrainConfig(model=tiny_llama_dir, rank=4, batch_size=8, max_seq_len=64, precision="fp32")
+    two = make_plan(cfg, "cpu", 2)
+    one = estimate(make_plan(cfg, "cpu"))
+    ddp = estimate(two, strategy="ddp")
+    fsdp = estimate(two, strategy="fsdp")
+    assert (one.strategy, ddp.strategy, fsdp.strategy) == ("single", "ddp", "fsdp")
+    # DDP: every rank holds everything; only the batch is split
+    assert ddp.weights_mb == one.weights_mb and ddp.optimizer_mb == one.optimizer_mb
+    assert ddp.micro_batch == one.micro_batch // 2 == fsdp.micro_batch
+    # FSDP: weights, adapter, gradients and optimizer state halved, plus the gathered blocks and root
+    model = load_model(tiny_llama_dir)
+    root = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers." not in n)
+    block = sum(p.numel() * 4 for n, p in model.named_parameters() if ".layers.0." in n)
+    assert fsdp.weights_mb == pytest.approx(one.weights_mb / 2)
+    assert fsdp.adapter_mb == pytest.approx(one.adapter_mb / 2) and fsdp.optimizer_mb == pytest.approx(one.optimizer_mb / 2)
+    assert fsdp.gathered_mb * MB == pytest.approx((2 * block + root) / 2, rel=1e-6)
+    assert "per rank of 2 (FSDP)" in fsdp.summary()
+    # auto: DDP while the per-rank DDP estimate fits one device, FSDP past it; never for a refused method
+    assert pick_strategy(two, capacity_mb=1e6) == "ddp"
+    assert pick_strategy(two, capacity_mb=ddp.total_mb - 1) == "fsdp"
+    pro = TrainConfig(model=tiny_llama_dir, method="lora-pro", rank=4)
+    assert pick_strategy(make_plan(pro, "cpu", 2), capacity_mb=1.0) == "ddp"
+    assert pick_strategy(make_plan(cfg, "cpu"), capacity_mb=1.0) == "single"
+
+
+def test_the_plan_decides_the_strategy(tiny_llama_dir):
+    # [FSDP hook 0]: make_plan decides `auto` (per-rank capacity) and refuses fsdp where it cannot work
+    cfg = TrainConfig(model=tiny_llama_dir, rank=4, batch_size=8, max_seq_len=64, precision="fp32")
+    need = estimate(make_plan(cfg, "cpu", 2), strategy="ddp").total_mb
+    assert make_plan(cfg, "cpu").strategy == "single" and not make_plan(cfg, "cpu").sharded
+    assert make_plan(cfg, "cpu", 2, capacity_mb=need + 1).strategy == "ddp"
+    assert make_plan(cfg, "cpu", 2, capacity_mb=need - 1).sharded
+    asked = TrainConfig(**{**cfg.to_dict(), "strategy": "fsdp"})
+    assert make_plan(asked, "cpu", 2, capacity_mb=1e6).strategy == "fsdp"
+    assert make_plan(asked, "cpu").strategy == "single"  # one process ignores it
+    with pytest.raises(ValueError, match="LoRA-Pro cannot train with --strategy fsdp"):
+        make_plan(TrainConfig(model=tiny_llama_dir, method="lora-pro", strategy="fsdp"), "cpu", 2)
+
+
+def test_preflight_per_rank(tiny_llama_dir):
+    from lora_studio.preflight import preflight
+
+    cfg = TrainConfig(model=tiny_llama_dir, rank=4, batch_size=8, max_seq_len=64, precision="fp32", strategy="ddp")
+    need = estimate(make_plan(cfg, "cpu", 2), strategy="ddp").total_mb
+    with pytest.raises(ValueError, match="per rank.*--strategy fsdp"):
+        preflight(cfg, memory_mb=2 * need - 2, world=2)
+    with pytest.raises(ValueError, match="LoRA-Pro cannot train with --strategy fsdp"):
+        preflight(TrainConfig(model=tiny_llama_dir, method="lora-pro", strategy="fsdp"), world=2)
+    assert preflight(TrainConfig(model=tiny_llama_dir, rank=4, strategy="fsdp"), world=2).strategy == "fsdp"

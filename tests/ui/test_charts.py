@@ -33,6 +33,16 @@ def test_memory_draws_the_estimate_as_a_reference_line():
     assert set(gpu["series"]) == {"measured GPU peak"} and set(gpu["MiB"]) == {42.0}
 
 
+def test_memory_of_several_ranks_has_one_line_per_rank():
+    rows = [{**r, "rank_peak_mb": [500.0 + r["step"], 300.0]} for r in ROWS]
+    frame = charts.memory_frame(rows, estimate_mb=450.0)
+    assert frame[frame.series == "measured peak RSS, rank 1"]["MiB"].tolist() == [300.0] * 3
+    assert frame[frame.series == "measured peak RSS, rank 0"]["MiB"].tolist() == [501.0, 502.0, 503.0]
+    assert set(frame.series) == {"measured peak RSS, rank 0", "measured peak RSS, rank 1", "estimate per rank"}
+    one = charts.memory_frame(rows, None, per_rank=False)  # the Runs tab's overlay: one line per run
+    assert set(one.series) == {"measured peak RSS"} and len(one) == 3
+
+
 def test_progress_bar_and_eta():
     bar = charts.progress_html({"state": "running", "step": 2, "total_steps": 8}, ROWS[:2])
     assert 'data-step="2" data-total="8"' in bar and "25%" in bar and "ETA 0:08" in bar
@@ -117,3 +127,9 @@ def test_status_says_why_a_run_stopped_early():
     text = charts.status_markdown("r1", {"state": "done", "step": 7, "stop_reason": reason})
     assert "stopped early" in text and "at step 7" in text and "from step 5" in text
     assert "stopped early" not in charts.status_markdown("r1", {"state": "done", "step": 7})
+
+
+def test_a_run_on_several_processes_says_how_many_and_the_strategy():
+    text = charts.status_markdown("r1", {"state": "running", "step": 3, "total_steps": 9, "world_size": 4, "strategy": "fsdp"})
+    assert "training** on 4 processes (FSDP), step 3 of 9" in text
+    assert "processes" not in charts.status_markdown("r1", {"state": "running", "step": 3, "world_size": 1})
