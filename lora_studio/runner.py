@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -62,7 +61,6 @@ HEARTBEAT = "heartbeat"
 HEARTBEAT_S = 10.0
 STALE_S = 120.0
 MIN_FREE_TO_START = 1 << 20  # bytes: below this the disk is full and queued runs wait
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -318,7 +316,7 @@ class Runner:
 
     def run_dir(self, run_id: str) -> Path:
         """The folder of `run_id`; ids that could leave runs_dir are refused."""
-        if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+        if not rf.valid_run_id(run_id):
             raise ValueError(f"invalid run id {run_id!r}")
         path = self.runs_dir / run_id
         # A symlinked run folder would let status/delete/resume read or write outside runs_dir.
@@ -341,7 +339,7 @@ class Runner:
     def _run_dirs(self) -> list[Path]:
         return sorted(
             d for d in self.runs_dir.iterdir()
-            if d.is_dir() and not d.is_symlink() and _RUN_ID.match(d.name) and ((d / rf.STATUS).exists() or (d / "config.json").exists())
+            if d.is_dir() and not d.is_symlink() and rf.valid_run_id(d.name) and ((d / rf.STATUS).exists() or (d / "config.json").exists())
         )
 
     def _queued(self) -> list[dict[str, Any]]:
