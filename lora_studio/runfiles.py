@@ -66,6 +66,13 @@ def has_adapter(run_dir: str | Path) -> bool:
     return (Path(run_dir) / ADAPTER / "adapter_config.json").exists()
 
 
+def adapter_dir(run_dir: str | Path) -> Path:
+    """RUN/adapter; FileNotFoundError when the run has saved none."""
+    if not has_adapter(run_dir):
+        raise FileNotFoundError(f"{run_dir} has no saved adapter (adapter/adapter_config.json)")
+    return Path(run_dir) / ADAPTER
+
+
 def checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint, oldest first; state.json is written last, so a
     folder without it is a save that was cut short."""

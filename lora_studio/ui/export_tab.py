@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_studio import export, runfiles as rf
+from lora_studio import cards, export, runfiles as rf
 from lora_studio.ui.common import Studio, friendly, run_picker
 
 
@@ -123,7 +123,7 @@ def build_export_tab(studio: Studio) -> None:
             run_dir = studio.run_dir(run_id, studio.caller(request))
             if not rf.has_adapter(run_dir):
                 return ""
-            return export.model_card(run_dir, "adapter")
+            return cards.model_card(run_dir, "adapter")
 
         zip_button.click(build_zip, run, zip_file, api_name="export_zip")
         merge_button.click(merge, [run, merged_zip], [merged_info, merged_file], api_name="export_merged")
