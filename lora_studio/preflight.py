@@ -14,17 +14,9 @@ from typing import Any
 import torch
 
 from lora_studio.config import TrainConfig
+from lora_studio.data.batching import held_out_count
 from lora_studio.engine.memory import MemoryEstimate, estimate
 from lora_studio.engine.plan import make_plan
-
-
-def held_out_count(rows: int, fraction: float) -> int:
-    """How many of `rows` usable rows the run holds out for validation: split_examples' rule,
-    round(fraction · rows), at least 1 and at least 1 left (none when there is no fraction or
-    too few rows to split: the split itself then says what is wrong)."""
-    if not fraction or rows < 2:
-        return 0
-    return min(rows - 1, max(1, round(fraction * rows)))
 
 
 def check_batch(batch_size: int, training_examples: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio import export
+from lora_studio import cards, export
 from tests.conftest import format_rows, write_jsonl
 
 
@@ -81,7 +81,7 @@ def test_push_without_any_token_says_so(run_dir, monkeypatch):
 
 
 def test_card_reports_the_runs_own_figures(run_dir):
-    card = export.model_card(run_dir)
+    card = cards.model_card(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert f"| first / final train loss | {rows[0]['loss']:.4g} / {rows[-1]['loss']:.4g} |" in card
     assert f"| steps | {len(rows)} of {len(rows)} |" in card and "`answers.jsonl`" in card

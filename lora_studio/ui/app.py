@@ -99,7 +99,7 @@ TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "HUGGINGFACE
 def seal_credentials() -> None:
     """Public mode: no request of a visitor may use the server's Hub token. Taken out of the
     environment, the token file ignored, and huggingface_hub told to send no token it was not
-    handed; the training processes get an allow-listed environment (runner.worker_env)."""
+    handed; the training processes get an allow-listed environment (supervisor.worker_env)."""
     for name in TOKEN_VARS:
         os.environ.pop(name, None)
     os.environ.update(HF_HUB_DISABLE_IMPLICIT_TOKEN="1", HF_TOKEN_PATH=os.devnull, HF_STORED_TOKENS_PATH=os.devnull)

@@ -9,7 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-ACTIVE = ("queued", "starting", "running")
+from lora_studio import runfiles as rf
+
+ACTIVE = rf.WAITING_STATES
 
 
 def frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:

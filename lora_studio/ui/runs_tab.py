@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lora_studio import runfiles as rf
 from lora_studio.ui import charts
 from lora_studio.ui.bakeoff_panel import build_bakeoff_panel
 from lora_studio.ui.common import Studio, friendly
@@ -142,7 +143,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
     def resume_run(run_id, view_state, request: gr.Request):
         caller = studio.caller(request)
         studio.run_dir(run_id, caller)
-        if studio.runner.status(run_id).get("state") not in ("queued", "starting", "running"):
+        if studio.runner.status(run_id).get("state") not in rf.WAITING_STATES:
             check_fair_share(studio, caller)  # a resumed run is queued again: one per visitor still
         studio.runner.resume(run_id)
         message = f"Run **{run_id}** resumes from its last checkpoint; follow it in the Train tab."
@@ -167,7 +168,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
             except ValueError:
                 # A run that has just stopped: its state is final but its process is still exiting
                 # (the runner refuses until it is gone). Worth a short wait; anything else is the answer.
-                finished = studio.runner.status(run_id).get("state") in ("done", "stopped", "aborted", "failed")
+                finished = studio.runner.status(run_id).get("state") in rf.FINAL_STATES
                 if not finished or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

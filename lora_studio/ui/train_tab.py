@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from lora_studio import runfiles as rf
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY, get_method
 from lora_studio.models import BUNDLED, check_model_spec
@@ -179,7 +180,7 @@ def check_fair_share(studio: Studio, caller: Caller) -> None:
     lim = studio.settings.limits
     if caller.admin or not (lim.runs_per_visitor or lim.queue):
         return
-    waiting = [r for r in studio.runner.list_runs() if r.get("state") in ("queued", "starting", "running")]
+    waiting = [r for r in studio.runner.list_runs() if r.get("state") in rf.WAITING_STATES]
     mine = [r["run_id"] for r in waiting if studio.owns(caller, r["run_id"])]
     if lim.runs_per_visitor and len(mine) >= lim.runs_per_visitor:
         raise ValueError(
@@ -418,8 +419,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         too, and a run queued after it must not make every new page show that one instead."""
         caller = studio.caller(request)
         runs = studio.list_runs(caller)
-        training = [r for r in runs if r.get("state") in ("starting", "running")]
-        queued = sorted((r for r in runs if r.get("state") == "queued"), key=lambda r: r.get("queue_position") or 0)
+        training = [r for r in runs if r.get("state") in rf.ACTIVE_STATES]
+        queued = sorted((r for r in runs if r.get("state") == rf.QUEUED), key=lambda r: r.get("queue_position") or 0)
         pick = (training or queued or runs or [{}])[0].get("run_id")
         return redraw(pick, caller)
 

@@ -15,7 +15,6 @@ from lora_studio.engine.checkpoint import latest_checkpoint, list_checkpoints
 from lora_studio.config import TrainConfig
 from lora_studio.data import collate
 from lora_studio.runfiles import read_metrics, read_status, request_stop
-from lora_studio.engine.dist import DistEnv, shard_batch
 from lora_studio.engine.loop import Trainer, enable_gradient_checkpointing, prepare
 from lora_studio.engine.loss import causal_lm_loss
 from lora_studio.engine.plan import make_plan
@@ -254,18 +253,6 @@ def test_fp16_on_cpu_is_refused_with_a_reason(tiny_llama_dir, train_file, tmp_pa
         pytest.skip("this machine has a GPU: fp16 is allowed")
     status = train(make_cfg(tmp_path, tiny_llama_dir, train_file, precision="fp16", max_steps=1))
     assert status["state"] == "failed" and "needs a GPU" in status["error"]
-
-
-def test_shards_cover_the_batch_once():
-    ids = list(range(11))
-    for world in (1, 2, 3):
-        for accum in (1, 2, 4):
-            seen = []
-            for rank in range(world):
-                chunks = shard_batch(ids, DistEnv(rank, world), accum)
-                assert all(chunks) and len(chunks) <= accum
-                seen += [i for c in chunks for i in c]
-            assert sorted(seen) == ids
 
 
 @pytest.mark.gpu

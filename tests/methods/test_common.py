@@ -8,7 +8,6 @@ import torch
 from lora_studio.adapters import load_adapter, save_adapter
 from lora_studio.methods import REGISTRY, adapter_layers, disable_adapter, get_method, merge_adapters
 from lora_studio.models import load_model
-from lora_studio.methods import get_method
 from tests.helpers import adapted, logits, perturb, sample_ids
 
 METHODS = list(REGISTRY)
@@ -168,3 +167,23 @@ def test_method_file_states_paper_equation_and_defaults(method):
     lr = m.defaults["lr"]
     assert f"rank {m.defaults['rank']}" in defaults, f"{method}: default rank undocumented"
     assert f"lr {lr:.0e}".replace("e-0", "e-") in defaults, f"{method}: default lr undocumented"
+
+
+def test_no_method_is_named_outside_methods():
+    """What the rest of the package needs to know about a method is an attribute of Method (the
+    default method's name, `lora`, is also the config default and GGUF's adapter type)."""
+    from pathlib import Path
+
+    import lora_studio
+    from lora_studio.config import TrainConfig
+
+    root = Path(lora_studio.__file__).parent
+    names = [n for n in REGISTRY if n != TrainConfig().method]
+    found = [
+        f"{path.relative_to(root)}: {name}"
+        for path in root.rglob("*.py")
+        if "methods" not in path.relative_to(root).parts
+        for name in names
+        if f'"{name}"' in path.read_text() or f"'{name}'" in path.read_text()
+    ]
+    assert found == []

@@ -13,7 +13,6 @@ from lora_studio.methods import adapter_layers, disable_adapter, get_method, mer
 from lora_studio.methods.delta_lora import start_step
 from lora_studio.methods.lora import LoRALinear
 from lora_studio.models import load_model
-from lora_studio.methods import get_method
 from tests.helpers import adapted, logits, method_cfg, sample_ids
 
 K, N, LAM = 2, 5, 2.0

@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from lora_studio.methods import adapter_layers
+from lora_studio.methods import adapter_layers, get_method
 from lora_studio.methods.lora import LoRALinear
 from lora_studio.methods.lora_fa import LoRAFALinear, projected_b_gradient
-from lora_studio.methods import get_method
 from tests.helpers import adapted, sample_ids
 
 

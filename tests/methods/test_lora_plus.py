@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_studio.methods import adapter_layers
-from lora_studio.models import load_model
 from lora_studio.engine.optim import linear_schedule
-from lora_studio.methods import get_method
+from lora_studio.methods import adapter_layers, get_method
+from lora_studio.models import load_model
 from tests.helpers import adapted
 
 

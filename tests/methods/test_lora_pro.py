@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_studio.methods import adapter_layers
+from lora_studio.methods import adapter_layers, get_method
 from lora_studio.methods.lora_pro import LoRAProAdamW, lora_pro_gradients, solve_sylvester_sym
-from lora_studio.methods import get_method
 from tests.helpers import adapted, sample_ids
 
 D_OUT, D_IN, R, S = 24, 20, 4, 2.0

@@ -12,7 +12,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from scripts import soak
+from tests import soak
 from tests.conftest import format_rows, write_jsonl
 from tests.ui.conftest import ROOT, launch_app, stop_app
 
