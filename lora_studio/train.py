@@ -680,7 +680,7 @@ def _run(
     elapsed_before = pos.elapsed_s
     final = "done"
     # Issue 17 hook (1/3): probe answers and early stopping at each evaluation, rank 0 (lora_studio/probes.py).
-    watch = EvalWatch(cfg, run_dir, loop.model, loop.tokenizer, loop.method, loop._autocast) if env.main else None
+    watch = EvalWatch(cfg, run_dir, loop.model, loop.tokenizer, loop.method, loop._autocast, pos.step) if env.main else None
     early_stop_step = None
     loop.model.train()
     while pos.step < loop.total_steps and final == "done" and early_stop_step is None:
