@@ -87,9 +87,14 @@ class EvalWatch:
 
     def __init__(
         self, cfg: Any, run_dir: Path, model: nn.Module, tokenizer: Any, method: Any,
-        autocast: Callable[[], contextlib.AbstractContextManager],
+        autocast: Callable[[], contextlib.AbstractContextManager], from_step: int = 0,
     ) -> None:  # fmt: skip
         from lora_studio.evaluate import reference_rows
+        from lora_studio.runfiles import write_bytes_atomic
+
+        kept = [r for r in read_probes(run_dir) if r.get("step", 0) <= from_step]  # a resume redoes later steps
+        if kept or (run_dir / PROBES_FILE).exists():
+            write_bytes_atomic(run_dir / PROBES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
 
         self.cfg, self.run_dir, self.model, self.tokenizer, self.method, self.autocast = cfg, run_dir, model, tokenizer, method, autocast
         self.settings = GenerationSettings(max_new_tokens=cfg.probe_max_new_tokens)

@@ -128,3 +128,15 @@ def test_early_stop_on_a_test_file_watches_the_rouge_of_greedy_replies(tmp_path,
     assert watch.restore_best() == 2
     assert all(torch.equal(p, kept[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert [r["step"] for r in read_probes(tmp_path)] == [2, 4]
+
+
+def test_a_fresh_start_clears_probe_answers_and_a_resume_keeps_those_up_to_its_step(tmp_path):
+    from lora_studio.probes import EvalWatch
+
+    cfg = TrainConfig(data="x")
+    rows = [{"step": s, "prompt": "p", "reply": str(s)} for s in (2, 4, 6)]
+    write_jsonl(tmp_path / "probes.jsonl", rows)
+    EvalWatch(cfg, tmp_path, None, None, None, None, from_step=4)  # resumed from the step-4 checkpoint
+    assert [r["step"] for r in read_probes(tmp_path)] == [2, 4]
+    EvalWatch(cfg, tmp_path, None, None, None, None, from_step=0)  # a fresh start in the same folder
+    assert read_probes(tmp_path) == []

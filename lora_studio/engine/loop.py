@@ -160,8 +160,7 @@ class Trainer:
             self.loss_module = dist.wrap_for_ranks(self.loss_module, env, self.device)
         self.pos = Position()
         self.last_checkpoint = -1
-        # Probe answers and early stopping, read at each evaluation (rank 0; see probes.py).
-        self.watch = EvalWatch(cfg, run_dir, self.model, self.tokenizer, self.method, self._autocast) if env.main else None
+        self.watch: EvalWatch | None = None  # probes and early stopping (rank 0), made by fit()
         self.early_stop_step: int | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -181,6 +180,8 @@ class Trainer:
         """
         cfg, pos = self.cfg, self.pos
         session_start, session_first_step, elapsed_before = time.perf_counter(), pos.step, pos.elapsed_s
+        if self.env.main:  # after restore(): a resume keeps the probe answers up to its checkpoint
+            self.watch = EvalWatch(cfg, self.run_dir, self.model, self.tokenizer, self.method, self._autocast, pos.step)
         self.model.train()
         while pos.step < self.total_steps:
             if pos.batch_in_epoch == 0:

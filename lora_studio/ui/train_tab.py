@@ -31,7 +31,7 @@ FIELDS = (
     "model", "quantize", "method", "rank", "alpha", "lr", "lr_ratio", "epochs", "batch_size", "max_seq_len",
     "dropout", "max_steps", "target", "seed", "warmup_ratio", "weight_decay", "use_rslora", "val_fraction",
     "packing", "drop_invalid", "grad_accum_steps", "gradient_checkpointing", "precision", "checkpoint_every",
-    "eval_every", "method_options", "probes", "early_stop", "trust_remote_code", "strategy",
+    "eval_every", "method_options", "probes", "early_stop", "strategy", "trust_remote_code",
 )  # fmt: skip
 
 STRATEGIES = [
@@ -324,7 +324,7 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     widgets = [
         model, quantize, method, rank, alpha, lr, lr_ratio, epochs, batch_size, max_len, dropout, max_steps, target,
         seed, warmup, weight_decay, rslora, val_fraction, packing, drop_invalid, accum, checkpointing, precision,
-        checkpoint_every, eval_every, options, probes, early_stop, trust, strategy,
+        checkpoint_every, eval_every, options, probes, early_stop, strategy, trust,
     ]  # fmt: skip
     assert len(widgets) == len(FIELDS)
 
