@@ -47,6 +47,7 @@ from lora_studio.engine.speed import store_frozen_linears
 from lora_studio.methods import inject_adapters, trainable_parameters
 from lora_studio.models import load_model, load_tokenizer
 from lora_studio.preflight import check_batch
+from lora_studio import runfiles as rf
 from lora_studio.runfiles import METRICS
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -170,7 +171,7 @@ class Trainer:
             while pos.batch_in_epoch < len(batches) and pos.step < self.total_steps:
                 action = stop_requested()
                 if action is not None:
-                    return self._leave("stopped" if action == "stop" else "aborted")
+                    return self._leave(rf.STOPPED if action == "stop" else rf.ABORTED)
                 t0 = time.perf_counter()
                 numbers = self.step(batches[pos.batch_in_epoch])
                 pos.batch_in_epoch += 1
@@ -199,11 +200,11 @@ class Trainer:
             if pos.batch_in_epoch >= len(batches):
                 pos.epoch += 1
                 pos.batch_in_epoch = 0
-        return self._leave("done")
+        return self._leave(rf.DONE)
 
     def _leave(self, final: str) -> str:
         self.model.eval()
-        if final == "stopped" and self.pos.step > self.last_checkpoint and self.pos.step > 0:
+        if final == rf.STOPPED and self.pos.step > self.last_checkpoint and self.pos.step > 0:
             self.save_checkpoint()
         return final
 
