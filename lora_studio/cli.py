@@ -291,8 +291,8 @@ def check_before_training(cfg: TrainConfig, world: int = 1) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lora_studio.runfiles import clear_control, read_status
     from lora_studio.engine.run import train
+    from lora_studio.runfiles import FAILED, clear_control, read_status
 
     cfg = _resume_config(args) if args.resume else config_from_args(args)
     # A new run gets the Train tab's checks before a run folder exists; not a resume (it passed
@@ -313,7 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     status = train(cfg, on_step=progress, resume=bool(args.resume))
     if not status:  # a DDP rank other than 0
         return 0
-    if status.get("state") == "failed":
+    if status.get("state") == FAILED:
         print(f"training failed: {redact(status.get('error'))}", file=sys.stderr)
         return 1
     print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from lora_studio import runfiles as rf
 from lora_studio.data import build_datasets, check_packing, collate, length_grouped_batches, pack_examples
 from lora_studio.engine import dist, fsdp
 from lora_studio.engine.checkpoint import (
@@ -190,7 +191,7 @@ class Trainer:
             while pos.batch_in_epoch < len(batches) and pos.step < self.total_steps:
                 action = stop_requested()
                 if action is not None:
-                    return self._leave("stopped" if action == "stop" else "aborted")
+                    return self._leave(rf.STOPPED if action == "stop" else rf.ABORTED)
                 t0 = time.perf_counter()
                 numbers = self.step(batches[pos.batch_in_epoch])
                 pos.batch_in_epoch += 1
@@ -215,13 +216,13 @@ class Trainer:
                         self.early_stop_step = pos.step
                 self.log(row, on_step)
                 if self.early_stop_step is not None:
-                    return self._leave("done")
+                    return self._leave(rf.DONE)
                 if cfg.checkpoint_every and pos.step % cfg.checkpoint_every == 0 and pos.step < self.total_steps:
                     self.save_checkpoint()
             if pos.batch_in_epoch >= len(batches):
                 pos.epoch += 1
                 pos.batch_in_epoch = 0
-        return self._leave("done")
+        return self._leave(rf.DONE)
 
     def after_eval(self, step: int, row: dict[str, Any]) -> bool:
         """Probes answered and early stopping asked after an evaluation (adds what it scored to
@@ -237,7 +238,7 @@ class Trainer:
 
     def _leave(self, final: str) -> str:
         self.model.eval()
-        if final == "stopped" and self.pos.step > self.last_checkpoint and self.pos.step > 0:
+        if final == rf.STOPPED and self.pos.step > self.last_checkpoint and self.pos.step > 0:
             self.save_checkpoint()
         return final
 

@@ -122,7 +122,7 @@ def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         return ""
     pct = max(0.0, min(100.0, 100.0 * step / total))
     last = rows[-1] if rows else {}
-    eta = last.get("eta_s") if status.get("state") == "running" else 0.0
+    eta = last.get("eta_s") if status.get("state") == rf.RUNNING else 0.0
     return (
         f'<div class="train-progress" data-step="{step}" data-total="{total}">'
         f'<progress max="100" value="{pct:.1f}" style="width:100%;height:14px"></progress>'
@@ -140,15 +140,15 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
     of_total = f" of {total}" if total else ""
     where = f"\n\nFiles: `{run_path}`" if run_path else ""
     loss = f", loss {status['loss']:.4f}" if _num(status.get("loss")) else ""
-    if state == "queued":
+    if state == rf.QUEUED:
         pos = status.get("queue_position")
         return (
             f"**{run_id}: queued**{f' (position {pos})' if pos else ''}. Another run is using the device; "
             "this one starts by itself when it is free."
         )
-    if state == "starting":
+    if state == rf.STARTING:
         return f"**{run_id}: starting**: loading the model and the data…"
-    if state == "running":
+    if state == rf.RUNNING:
         stopping = status.get("stopping")
         note = {"stop": " Stop requested: saving at the end of this step…", "abort": " Abort requested…"}.get(
             stopping or "", ""
@@ -156,7 +156,7 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
         world = status.get("world_size") or 1
         ranks = f" on {world} processes ({str(status.get('strategy', 'ddp')).upper()})" if world > 1 else ""
         return f"**{run_id}: training**{ranks}, step {step}{of_total}{loss}.{note}"
-    if state == "done":
+    if state == rf.DONE:
         if status.get("stop_reason"):  # early stopping: why, at which step, and which step's adapter was kept
             return (f"**{run_id}: stopped early**: {status['stop_reason']}. Chat with it in **Compare**, "
                     f"download or push it in **Export**.{where}")  # fmt: skip
@@ -164,15 +164,15 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
             f"**{run_id}: finished** after {step} steps{loss}. The adapter is saved in `adapter/`: chat with it in "
             f"**Compare**, download or push it in **Export**.{where}"
         )
-    if state == "stopped":
+    if state == rf.STOPPED:
         why = f" {str(status['message'])[0].upper()}{str(status['message'])[1:]}." if status.get("capped") and status.get("message") else ""
         return (
             f"**{run_id}: stopped** at step {step}{of_total}{loss}.{why} The adapter of that step is saved; resume the run "
             f"from the **Runs** tab.{where}"
         )
-    if state == "aborted":
+    if state == rf.ABORTED:
         return f"**{run_id}: aborted** at step {step}{of_total}; nothing was saved from it.{where}"
-    if state == "failed":
+    if state == rf.FAILED:
         error = status.get("error") or "unknown error"
         tail = status.get("log_tail")
         log = f"\n\nLast lines of the log:\n```\n{tail}\n```" if tail else ""

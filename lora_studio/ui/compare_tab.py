@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
+from lora_studio import runfiles as rf
 from lora_studio.chat import describe_votes, heldout_prompts, read_votes, record_vote
 from lora_studio.compare import GenerationSettings, read_prompts
 from lora_studio.ui.common import Studio, friendly, plain_messages, run_picker
@@ -45,9 +46,9 @@ def _run_defaults(studio: Studio, run_id: str | None, caller: Caller) -> tuple[A
     run = studio.run_dir(run_id, caller)
     from lora_studio.adapters import read_adapter_record
 
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").exists():
+    if not rf.has_adapter(run):
         return gr.update(), gr.update(), gr.update(), f"Run {run_id} has no adapter yet."
+    adapter = rf.adapter_dir(run)
     record = read_adapter_record(adapter)
     gen = record.get("generation") or {}
     info = (
