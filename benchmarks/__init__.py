@@ -7,7 +7,7 @@ train in turns, one step each in round robin, so that only one computes at any m
 machine that gets busier during the bench slows them all alike; a run's train time is the sum
 of its step times:
 
-  ours       lora_studio.train.train with its defaults (precision auto, length-grouped batches,
+  ours       lora_studio.engine.run.train with its defaults (precision auto, length-grouped batches,
              LM head on trained positions only, chunked cross-entropy)
   peft-fp32  the usual stack: transformers model + peft's default LoRA layer, a plain PyTorch
              loop over padded batches, `model(**batch).loss`, everything fp32. By default it

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import select
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from benchmarks.variants import BASELINES, DEFAULT_VARIANTS, PEFT_MISSING, VARIA
 def split_rows(data: str, eval_data: str | None, eval_fraction: float, seed: int, out: Path) -> tuple[str, str, int, int]:
     """Write the train and held-out files every run reads (the same rows for all), as JSONL
     whatever the source's kind (the columns, and so the detected format, are kept)."""
-    from lora_studio.data import DataError, read_source
+    from lora_studio.data import DataError, held_out_ids, read_source
 
     def rows_of(source: str) -> list[dict[str, Any]]:
         raw = read_source(source)
@@ -38,8 +37,9 @@ def split_rows(data: str, eval_data: str | None, eval_fraction: float, seed: int
     else:
         if len(rows) < 2:
             raise ValueError(f"{data}: need at least 2 rows to hold some out (or pass --eval-data)")
-        n_held = min(len(rows) - 1, max(1, round(eval_fraction * len(rows))))
-        held_ids = set(random.Random(seed).sample(range(len(rows)), n_held))
+        if eval_fraction <= 0:  # the bench scores held-out rows: it needs some
+            raise ValueError("--eval-fraction must be above 0 (or pass --eval-data)")
+        held_ids = held_out_ids(len(rows), eval_fraction, seed)
         train = [r for i, r in enumerate(rows) if i not in held_ids]
         held = [r for i, r in enumerate(rows) if i in held_ids]
     out.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ PEFT_MISSING = (
 def machine_info() -> dict[str, Any]:
     import torch
 
-    from lora_studio.speed import cpu_bf16_speedup, cpu_has_native_bf16
+    from lora_studio.engine.speed import cpu_bf16_speedup, cpu_has_native_bf16
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -65,7 +65,7 @@ def peak_memory_mb(device: Any) -> float:
     """Peak RSS of this process (this run alone: each run has its own process), or the CUDA peak."""
     import torch
 
-    from lora_studio.train import peak_rss_mb
+    from lora_studio.engine.memory import peak_rss_mb
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -216,7 +216,8 @@ def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     from lora_studio.adapters import load_adapter
     from lora_studio.config import TrainConfig
     from lora_studio.models import load_model, load_tokenizer
-    from lora_studio.train import read_status, train
+    from lora_studio.engine.run import train
+    from lora_studio.runfiles import read_status
 
     fields = dict(spec["cfg"], data=spec["train_file"], out=str(out / "run"))
     if spec["variant"] == "ours-fp32":
@@ -257,7 +258,7 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     from lora_studio.config import TrainConfig
     from lora_studio.data import build_datasets, collate, length_grouped_batches
     from lora_studio.models import load_tokenizer, resolve_model_path
-    from lora_studio.train import plan_steps
+    from lora_studio.engine.optim import plan_steps
 
     cfg = TrainConfig.from_dict(dict(spec["cfg"], data=spec["train_file"], out=str(out))).resolved()
     bf16 = spec["variant"] == "peft-bf16"

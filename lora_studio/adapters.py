@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lora_studio.methods import adapter_layers, get_method, inject_adapters
+from lora_studio.methods import adapter_layers, get_method, inject_adapters, method_for_peft_config
 from lora_studio.methods.base import Conv1D, is_linear, load_layer_states
 from lora_studio.runfiles import write_bytes_atomic
 
@@ -59,8 +59,9 @@ def peft_config(model: nn.Module, settings: dict[str, Any], base_model: str) -> 
             lora_alpha=settings["alpha"],
             lora_dropout=settings["dropout"],
             use_rslora=settings.get("use_rslora", False),
-            use_dora=settings["method"] == "dora",
+            use_dora=False,
         )
+        config.update(method.peft_fields)  # DoRA: use_dora
     if method.export_config is not None:
         config = method.export_config(model, settings, config)
     return config
@@ -120,23 +121,10 @@ def read_adapter_record(adapter_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{folder} holds no adapter_config.json")
     config = json.loads(cfg_path.read_text())
-    peft_type = config.get("peft_type")
-    if peft_type == "LORA":
-        method = "dora" if config.get("use_dora") else "lora"
-        settings = {
-            "method": method,
-            "rank": config["r"],
-            "alpha": config.get("lora_alpha", config["r"]),
-            "dropout": 0.0,
-            "use_rslora": bool(config.get("use_rslora")),
-        }
-    elif peft_type == "VERA":
-        settings = {"method": "vera", "rank": config["r"], "alpha": 1.0, "dropout": 0.0, "use_rslora": False}
-        # Without saved projections, vera_A/vera_B are regrown from this seed.
-        settings["method_options"] = {"projection_prng_key": config.get("projection_prng_key", 0)}
-    else:
-        raise ValueError(f"{cfg_path}: adapters of peft_type {peft_type!r} are not supported")
-    return {"method": method if peft_type == "LORA" else "vera", "settings": settings}
+    method = method_for_peft_config(config)
+    if method is None:
+        raise ValueError(f"{cfg_path}: adapters of peft_type {config.get('peft_type')!r} are not supported")
+    return {"method": method.name, "settings": method.settings_from_peft(config)}
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict[str, Any]:

@@ -66,6 +66,15 @@ class ChatEngine:
         finally:
             self.lock.release()
 
+    @contextlib.contextmanager
+    def using(self, run_dir: str | Path) -> Iterator[TunedModel]:
+        """The run's model, held by this caller alone until the block ends (scoring a batch)."""
+        tm = self.model_for(run_dir)
+        with self._locked():
+            if self._model is not tm:  # another run was loaded in between
+                raise TimeoutError("the model was switched to another run; try again")
+            yield tm
+
     def unload(self) -> None:
         with self._locked():
             self._model = None

@@ -1,4 +1,4 @@
-"""Command line: `python -m lora_studio train|compare|inspect|runs|export|push ...` (headless, same engine as the UI;
+"""Command line: `python -m lora_studio train|compare|evaluate|bakeoff|inspect|runs|export|push ...` (headless, same engine as the UI;
 the benchmark is `python -m benchmarks`, outside the runtime package)."""
 
 from __future__ import annotations
@@ -18,11 +18,29 @@ from lora_studio.redact import redact
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="fine-tune a model on an instruction file")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
+    _train_flags(p)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
+    p.add_argument(
+        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs under torchrun"
+    )
+
+
+def _bakeoff_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bakeoff", help="train several methods on the same data and budget, score and rank them")
+    p.add_argument("--methods", required=True, help=f"comma-separated, from {','.join(REGISTRY)}")
+    p.add_argument("--out", required=True, help="bake-off folder: runs/, scores/, leaderboard.csv/.md, loss.png")
+    p.add_argument("--test", help="rows with a prompt and a reference to score on (default: the held-out split)")
+    p.add_argument("--max-new-tokens", type=int, default=64, dest="max_new_tokens", help="reply length when scoring")
+    _train_flags(p)
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    """The training settings `train` and `bakeoff` share (the bake-off gives every method the same)."""
     p.add_argument("--config", help="a config.json from an earlier run (flags given override it)")
     p.add_argument("--data", help="training data: JSONL/JSON/CSV/TSV/Parquet file or Hub owner/name[:config][@split]")
-    p.add_argument("--out", help="run folder to write")
     p.add_argument("--model", help="bundled, a Hub id, or a local folder (default bundled)")
-    p.add_argument("--method", choices=list(REGISTRY), help="fine-tuning method (default lora)")
     p.add_argument("--rank", type=int)
     p.add_argument("--alpha", type=float)
     p.add_argument("--dropout", type=float)
@@ -63,14 +81,24 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (pays on long GPU runs only)")
+    p.add_argument("--probe", action="append", default=[], metavar="TEXT", help="a prompt answered at each evaluation (repeatable)")
+    p.add_argument("--probes", dest="probes_file", metavar="FILE", help="probe prompts: JSONL with a prompt field, or one per line")
+    p.add_argument("--probe-max-new-tokens", type=int, dest="probe_max_new_tokens")
+    p.add_argument(
+        "--early-stop", type=int, dest="early_stop", metavar="PATIENCE",
+        help="stop after PATIENCE evaluations without a better eval loss (or test ROUGE-L with --test-data); keeps the best",
+    )  # fmt: skip
+    p.add_argument("--test-data", dest="test_data", help="prompts with references: early stopping watches their ROUGE-L")
     p.add_argument(
         "--report-to", choices=["trackio", "tensorboard", "wandb"], dest="report_to",
         help="also send the metrics to this tracker (its pip package must be installed; default: none)",
     )  # fmt: skip
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or crashed run from its last checkpoint")
     p.add_argument(
-        "--gpus", default="1", help="GPUs to train on: a number or auto (all visible); more than 1 runs DDP under torchrun"
-    )
+        "--strategy", choices=["auto", "ddp", "fsdp"],
+        help="with several processes: ddp (whole model on each), fsdp (FSDP2: weights, gradients and optimizer "
+        "sharded, 1/N on each), auto (default: fsdp only when the memory estimate exceeds one device). "
+        "See docs/distributed.md",
+    )  # fmt: skip
 
 
 def _runs_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +149,16 @@ def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score the base and the tuned model's greedy replies against references")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--data", required=True, help="rows with a prompt and a reference reply, in any training format")
+    p.add_argument("--out", required=True, help="summary JSON to write; the per-row replies go beside it (.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, dest="max_new_tokens", help="default: the run's saved setting")
+    p.add_argument("--batch-size", type=int, default=8, dest="batch_size", help="prompts generated at once (default 8)")
+    _data_format_args(p)
+
+
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a run: the adapter, the merged model, or a GGUF file (llama.cpp, Ollama)")
     p.add_argument("--run", required=True, help="run folder")
@@ -159,7 +197,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = TrainConfig.load(args.config).to_dict() if args.config else {}
     except (ValueError, TypeError) as e:  # binary junk, not JSON, not an object
         raise ValueError(f"--config {args.config}: not a LoRA Studio config.json ({e})") from None
-    names = set(TrainConfig.__dataclass_fields__) - {"method_options"}
+    names = set(TrainConfig.__dataclass_fields__) - {"method_options", "probes"}
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
@@ -167,6 +205,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     options = dict(base.get("method_options") or {})
     options.update(_parse_option(o) for o in args.option)
     base["method_options"] = options
+    probes = list(getattr(args, "probe", None) or [])
+    if getattr(args, "probes_file", None):
+        from lora_studio.compare import read_prompts
+
+        probes += read_prompts(args.probes_file)
+    if probes:
+        base["probes"] = probes
     cfg = TrainConfig.from_dict(base)
     if not cfg.data or not cfg.out:
         raise SystemExit("train needs --data and --out (or a --config that has them)")
@@ -176,7 +221,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _resume_config(args: argparse.Namespace) -> TrainConfig:
     """The run's own config: a resume continues exactly the run that was started."""
     given = [n for n in TrainConfig.__dataclass_fields__ if getattr(args, n, None) not in (None, [])]
-    if args.config or given or args.option:
+    if args.config or given or args.option or args.probe or args.probes_file:
         raise SystemExit("--resume continues a run as it was configured; drop the other training flags")
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").exists():
@@ -229,7 +274,7 @@ def progress_line(row: dict[str, Any], total: int | None) -> str:
     return line
 
 
-def check_before_training(cfg: TrainConfig) -> None:
+def check_before_training(cfg: TrainConfig, world: int = 1) -> None:
     """The Train tab's pre-run checks (lora_studio.preflight), with the facts the Data tab would
     have found: usable rows and the longest row. Data with errors is left to the run, whose
     message names the file, row and field."""
@@ -242,19 +287,19 @@ def check_before_training(cfg: TrainConfig) -> None:
     preview = inspect_data(cfg.data, tokenizer, fmt=cfg.format, columns=parse_columns(cfg.columns),
                            system_prompt=cfg.system_prompt, max_seq_len=cfg.max_seq_len)
     rows, max_tokens = data_facts(preview, cfg.max_seq_len) if preview.report.ok or cfg.drop_invalid else (None, None)
-    preflight(cfg, rows=rows, max_tokens=max_tokens)
+    preflight(cfg, rows=rows, max_tokens=max_tokens, world=world)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lora_studio.runfiles import clear_control, read_status
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
+    from lora_studio.runfiles import FAILED, clear_control, read_status
 
     cfg = _resume_config(args) if args.resume else config_from_args(args)
     # A new run gets the Train tab's checks before a run folder exists; not a resume (it passed
     # them when it started), a runner-started worker (the tab ran them) or a torchrun rank.
-    if not (args.resume or os.environ.get("LORA_STUDIO_SUPERVISED") or "WORLD_SIZE" in os.environ):
-        check_before_training(cfg)
     n_gpus = _gpu_count(args.gpus)
+    if not (args.resume or os.environ.get("LORA_STUDIO_SUPERVISED") or "WORLD_SIZE" in os.environ):
+        check_before_training(cfg, world=max(1, n_gpus))
     if n_gpus > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch_under_torchrun(n_gpus, args.argv)
     if not os.environ.get("LORA_STUDIO_SUPERVISED"):
@@ -268,7 +313,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     status = train(cfg, on_step=progress, resume=bool(args.resume))
     if not status:  # a DDP rank other than 0
         return 0
-    if status.get("state") == "failed":
+    if status.get("state") == FAILED:
         print(f"training failed: {redact(status.get('error'))}", file=sys.stderr)
         return 1
     print(f"{status['state']}: {status.get('step')} steps; adapter in {Path(cfg.out) / 'adapter'}")
@@ -310,6 +355,50 @@ def cmd_compare(args: argparse.Namespace) -> int:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()
             print(f"[{i}/{len(prompts)}] {row['prompt'][:60]!r}\n  base : {row['base'][:200]!r}\n  tuned: {row['tuned'][:200]!r}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from lora_studio.evaluate import evaluate_run, reference_rows
+
+    rows = reference_rows(args.data, args.format, args.columns)
+    summary = evaluate_run(args.run, rows, args.out, args.max_new_tokens, batch_size=args.batch_size)
+    for who in ("base", "tuned"):
+        s = summary[who]
+        print(f"{who:<5}  exact {s['exact_match']:.3f}  f1 {s['f1']:.3f}  rougeL {s['rougeL']:.3f}")
+    print(f"{summary['n']} rows; replies in {summary['replies']}, summary in {args.out}")
+    return 0
+
+
+def cmd_bakeoff(args: argparse.Namespace) -> int:
+    import time
+
+    from lora_studio import bakeoff
+    from lora_studio.runner import Runner
+
+    cfg = config_from_args(args)  # the shared settings; each run gets its own folder under OUT/runs
+    out = Path(args.out)
+    runner = Runner(out / "runs")
+    bakeoff.create(out, cfg, args.methods, test=args.test, max_new_tokens=args.max_new_tokens)
+    seen: dict[str, str] = {}
+    try:
+        while True:
+            state = bakeoff.advance(out, runner)
+            for item in state["queue"]:
+                if seen.get(item["method"]) != item["state"]:
+                    seen[item["method"]] = item["state"]
+                    print(f"{item['method']:<11} {item['state']:<9} {item['run']}", flush=True)
+            if state["finished"]:
+                break
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for item in state["queue"]:
+            if item["run"] and item["state"] in ("queued", "starting", "running"):
+                runner.stop(item["run"], save=True)
+        print("bake-off interrupted: the active run was asked to stop", file=sys.stderr)
+        return 130
+    print((out / "leaderboard.md").read_text(), end="")
+    print(f"leaderboard in {out / 'leaderboard.csv'}, loss curves in {out / 'loss.png'}")
     return 0
 
 
@@ -369,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _compare_parser(sub)
+    _evaluate_parser(sub)
+    _bakeoff_parser(sub)
     _inspect_parser(sub)
     _runs_parser(sub)
     _export_parser(sub)
@@ -376,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    commands = {"train": cmd_train, "compare": cmd_compare, "inspect": cmd_inspect, "runs": cmd_runs,
+    commands = {"train": cmd_train, "compare": cmd_compare, "evaluate": cmd_evaluate, "bakeoff": cmd_bakeoff, "inspect": cmd_inspect, "runs": cmd_runs,
                 "export": cmd_export, "push": cmd_push}  # fmt: skip
     if args.command not in commands:
         parser.error(f"unknown command {args.command}")

@@ -97,10 +97,29 @@ class TrainConfig:
     eval_every: int = 50
     """Compute the validation loss every N optimizer steps and at the last step (when there is
     validation data); 0: only at the last step."""
+    strategy: str = "auto"
+    """How several processes (torchrun, `--gpus N`) share the work. `ddp`: each holds the whole
+    model and they average gradients (DistributedDataParallel). `fsdp`: FSDP2 shards the weights,
+    the frozen base included, the adapter's gradients and the optimizer state, so each holds
+    1/N of them: for models that do not fit one device (not with a 4-bit base, LoRA-Pro,
+    Delta-LoRA or LoRA-FA's projected gradient). `auto`: DDP when the memory estimate fits one
+    device, else FSDP. One process ignores it."""
     report_to: str | None = None
     """Also send each metrics row (what the charts show) to an experiment tracker: `trackio`,
     `tensorboard` (RUN/tensorboard) or `wandb`, each an optional package imported only then.
     None (default): nothing is sent anywhere."""
+    probes: list[str] = field(default_factory=list)
+    """Prompts the model answers greedily at each evaluation (every `eval_every` steps and the
+    last step); the answers go to RUN/probes.jsonl as {"step", "prompt", "reply"}."""
+    probe_max_new_tokens: int = 48
+    """Longest probe answer (and test-file reply when early stopping on ROUGE-L), in tokens."""
+    early_stop: int = 0
+    """Stop when the watched value has not improved for this many evaluations in a row (0: never).
+    It watches the eval loss, or the ROUGE-L of greedy replies to `test_data` when that is set;
+    the best evaluation's adapter is the one saved, and the status says why and at which step."""
+    test_data: str | None = None
+    """Rows with a prompt and a reference reply (any training format): with `early_stop`,
+    training stops on their ROUGE-L instead of the eval loss."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,7 +149,7 @@ class TrainConfig:
         method = get_method(self.method)
         cfg = dataclasses.replace(self, method_options=dict(self.method_options))
         for name, value in method.defaults.items():
-            if name in {"rank", "alpha", "dropout", "lr", "lr_ratio"}:
+            if name in FIELD_NAMES:  # a default for a config field; any other key is a method option
                 if getattr(cfg, name) is None:
                     setattr(cfg, name, value)
             else:
@@ -191,16 +210,30 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16 (got {self.precision!r})")
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            problems.append(f"strategy must be auto, ddp or fsdp (got {self.strategy!r})")
         if self.checkpoint_every < 0:
             problems.append(f"checkpoint_every must be 0 or more (got {self.checkpoint_every})")
         if self.eval_every < 0:
             problems.append(f"eval_every must be 0 or more (got {self.eval_every})")
+        if self.early_stop < 0:
+            problems.append(f"early_stop must be 0 or more (got {self.early_stop})")
+        elif self.early_stop and not (self.val_data or self.val_fraction or self.test_data):
+            problems.append("early_stop needs something to watch: validation data (val_data or val_fraction) or test_data")
+        if any(not isinstance(p, str) or not p.strip() for p in self.probes):
+            problems.append("probes must be non-empty prompts")
+        if self.probe_max_new_tokens < 1:
+            problems.append(f"probe_max_new_tokens must be at least 1 (got {self.probe_max_new_tokens})")
         if self.quantize not in (None, "4bit"):
             problems.append(f"quantize must be '4bit' or unset (got {self.quantize!r})")
         from lora_studio.redact import looks_like_token
 
-        for name in ("model", "data", "val_data", "out", "target"):  # a token pasted in the wrong box
+        for name in ("model", "data", "val_data", "test_data", "out", "target"):  # a token pasted in the wrong box
             if looks_like_token(getattr(self, name)):
                 problems.append(f"{name} looks like an access token; tokens go in HF_TOKEN, never in run settings")
         if problems:
             raise ValueError("invalid training settings: " + "; ".join(problems))
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+"""TrainConfig's fields: a method default under one of these names fills that field."""

@@ -30,9 +30,11 @@ import torch
 from safetensors.torch import load_file
 
 from lora_studio import gguf_export
+from lora_studio.methods import REGISTRY, method_for_peft_config
 
-# Methods whose exported adapter is a plain peft LoRA (W + s·B·A).
-PLAIN_LORA_METHODS = ("lora", "delta-lora", "lora-plus", "lora-fa", "lora-pro")
+PLAIN_LORAS = [m for m in REGISTRY.values() if m.plain_lora]
+"""Methods whose exported adapter is a plain peft LoRA (W + s·B·A)."""
+
 PEFT_PREFIX = "base_model.model."
 
 
@@ -42,7 +44,7 @@ class NotAPlainLoRA(ValueError):
 
 def _refuse(method: str) -> NotAPlainLoRA:
     return NotAPlainLoRA(
-        f"a GGUF LoRA adapter can hold only a plain LoRA (LoRA, Delta-LoRA, LoRA+, LoRA-FA, LoRA-Pro); "
+        f"a GGUF LoRA adapter can hold only a plain LoRA ({', '.join(m.title for m in PLAIN_LORAS)}); "
         f"this run's method is {method!r}, which llama.cpp cannot apply as a LoRA. "
         "Export a merged GGUF instead (--format gguf)."
     )
@@ -56,12 +58,14 @@ def lora_pairs(adapter_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, t
     folder = Path(adapter_dir)
     config = json.loads((folder / "adapter_config.json").read_text())
     record_path = folder / "lora_studio.json"
-    method = json.loads(record_path.read_text()).get("method", "lora") if record_path.exists() else "lora"
-    if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        method = method if method != "lora" else ("dora" if config.get("use_dora") else str(config.get("peft_type")))
-        raise _refuse(method)
-    if method not in PLAIN_LORA_METHODS:
-        raise _refuse(method)
+    by_config = method_for_peft_config(config)
+    named = json.loads(record_path.read_text()).get("method") if record_path.exists() else None
+    if by_config is None or not by_config.plain_lora:  # the config says DoRA, VeRA or another peft type
+        named_other = named in REGISTRY and not REGISTRY[named].plain_lora
+        raise _refuse(named if named_other else by_config.name if by_config else str(config.get("peft_type")))
+    if named is not None and (named not in REGISTRY or not REGISTRY[named].plain_lora):
+        raise _refuse(named)
+    method = named or by_config.name
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise NotAPlainLoRA(f"{folder}/adapter_config.json: per-module ranks or alphas are not supported in a GGUF LoRA")
     if config.get("fan_in_fan_out"):

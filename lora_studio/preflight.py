@@ -11,17 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from lora_studio.config import TrainConfig
-from lora_studio.memory import MemoryEstimate, estimate
-
-
-def held_out_count(rows: int, fraction: float) -> int:
-    """How many of `rows` usable rows the run holds out for validation: split_examples' rule,
-    round(fraction · rows), at least 1 and at least 1 left (none when there is no fraction or
-    too few rows to split: the split itself then says what is wrong)."""
-    if not fraction or rows < 2:
-        return 0
-    return min(rows - 1, max(1, round(fraction * rows)))
+from lora_studio.data.batching import held_out_count
+from lora_studio.engine.memory import MemoryEstimate, estimate
+from lora_studio.engine.plan import make_plan
 
 
 def check_batch(batch_size: int, training_examples: int) -> None:
@@ -53,25 +48,34 @@ def machine_memory_mb(device: str) -> float:
 
 
 def preflight(
-    cfg: TrainConfig, rows: int | None = None, max_tokens: int | None = None, memory_mb: float | None = None
+    cfg: TrainConfig, rows: int | None = None, max_tokens: int | None = None, memory_mb: float | None = None,
+    world: int = 1,
 ) -> MemoryEstimate:
     """Refuse (ValueError) a run that cannot start or cannot fit; else return its memory estimate.
 
     `rows`: the usable rows of the data (None: not known, the batch is not checked);
     `max_tokens`: the longest row in tokens (None: max_seq_len, the worst case);
-    `memory_mb`: what the machine has (None: this machine's RAM, or its GPU's memory).
+    `memory_mb`: what the machine has (None: this machine's RAM, or its GPU's memory);
+    `world`: processes (GPUs) the run will use: the estimate is then per rank, for the strategy
+    `auto` picks (or the one asked for), and `fsdp` is refused where it cannot work.
     """
     cfg = cfg.resolved()
     if rows and not cfg.packing:
         check_batch(cfg.batch_size, rows - held_out_count(rows, cfg.val_fraction))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    have = memory_mb if memory_mb is not None else machine_memory_mb(device)
+    # CPU ranks share the machine's RAM; each GPU rank has its own device
+    per_rank = have / world if device == "cpu" else have
     try:
-        est = estimate(cfg, seq_len=max_tokens)
+        # the strategy `auto` picks for this much memory per rank; fsdp refused where it cannot work
+        est = estimate(make_plan(cfg, device, world, capacity_mb=per_rank), seq_len=max_tokens)
     except Exception as e:  # noqa: BLE001 - a config or a target the model cannot take; the text says which
         raise ValueError(f"cannot set up {cfg.method} on {cfg.model!r}: {e}") from None
-    have = memory_mb if memory_mb is not None else machine_memory_mb(est.device)
-    if est.total_mb > have:
+    if est.total_mb > per_rank:
+        more = " or shard it over the GPUs with --strategy fsdp" if world > 1 and est.strategy == "ddp" else ""
         raise ValueError(
-            f"the memory estimate ({est.total_mb / 1024:,.1f} GiB) is more than this machine has "
-            f"({have / 1024:,.1f} GiB): lower the rank, batch size or max length"
+            f"the memory estimate ({est.total_mb / 1024:,.1f} GiB{' per rank' if world > 1 else ''}) is more than "
+            f"this machine has ({per_rank / 1024:,.1f} GiB{' per rank' if world > 1 else ''}): lower the rank, "
+            f"batch size or max length{more}"
         )
     return est

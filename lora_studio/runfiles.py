@@ -49,7 +49,28 @@ STOPPED = "stopped"
 ABORTED = "aborted"
 FAILED = "failed"
 ACTIVE_STATES = (STARTING, RUNNING)
+WAITING_STATES = (QUEUED, *ACTIVE_STATES)
+"""Not finished: queued, or a worker starting or training."""
 FINAL_STATES = (DONE, STOPPED, ABORTED, FAILED)
+ADAPTER = "adapter"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def valid_run_id(run_id: Any) -> bool:
+    """A run id that names a folder inside the runs folder: letters, digits, `._-`, no `..`."""
+    return isinstance(run_id, str) and bool(_RUN_ID.match(run_id)) and ".." not in run_id
+
+
+def has_adapter(run_dir: str | Path) -> bool:
+    """Whether the run saved its adapter (it is written when training ends or stops)."""
+    return (Path(run_dir) / ADAPTER / "adapter_config.json").exists()
+
+
+def adapter_dir(run_dir: str | Path) -> Path:
+    """RUN/adapter; FileNotFoundError when the run has saved none."""
+    if not has_adapter(run_dir):
+        raise FileNotFoundError(f"{run_dir} has no saved adapter (adapter/adapter_config.json)")
+    return Path(run_dir) / ADAPTER
 
 
 def checkpoint_folders(run_dir: str | Path) -> list[tuple[int, Path]]:

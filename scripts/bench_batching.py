@@ -16,7 +16,7 @@ from lora_studio.config import TrainConfig
 from lora_studio.data import build_datasets, check_packing, collate, length_grouped_batches, pack_examples, parse_columns
 from lora_studio.methods import get_method, inject_adapters
 from lora_studio.models import load_model, load_tokenizer
-from lora_studio.train import causal_lm_loss
+from lora_studio.engine.loss import causal_lm_loss
 
 
 def batches_of(strategy: str, examples, batch_size: int, max_len: int, seed: int):

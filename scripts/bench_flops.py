@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_studio.config import TrainConfig  # noqa: E402
 from lora_studio.data import collate, length_grouped_batches  # noqa: E402
-from lora_studio.train import causal_lm_loss, prepare  # noqa: E402
+from lora_studio.engine.loop import prepare  # noqa: E402
+from lora_studio.engine.loss import causal_lm_loss  # noqa: E402
+from lora_studio.engine.plan import make_plan  # noqa: E402
 
 
 def step_cost(loss_fn, params: list[torch.Tensor]) -> tuple[int, float]:
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         data=args.data, out="/tmp/lora_studio_flops", model=args.model, rank=args.rank,
         batch_size=args.batch_size, dropout=0.0, target="all-linear", precision="fp32",
     )).resolved()
-    parts = prepare(cfg)
+    parts = prepare(make_plan(cfg))
     ours, examples, pad = parts["model"], parts["examples"], parts["tokenizer"].pad_token_id
     ours_params = [p for p in ours.parameters() if p.requires_grad]
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32)

@@ -93,7 +93,7 @@ def main() -> None:
     args = p.parse_args()
 
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     rows = date_rows(args.rows + args.heldout, args.seed)
     train_rows, held = rows[: args.rows], rows[args.rows :]

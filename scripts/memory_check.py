@@ -1,4 +1,4 @@
-"""Check the memory estimate (lora_studio/memory.py) against measurements; prints markdown tables.
+"""Check the memory estimate (lora_studio/engine/memory.py) against measurements; prints markdown tables.
 
     .venv/bin/python scripts/memory_check.py            # tiny models + the bundled model, CPU
     .venv/bin/python scripts/memory_check.py --quick    # fewer configurations
@@ -26,10 +26,11 @@ def saved_table(models: dict[str, str]) -> list[str]:
     import torch
 
     from lora_studio.config import TrainConfig
-    from lora_studio.memory import MB, estimate
+    from lora_studio.engine.memory import MB, estimate
+    from lora_studio.engine.plan import make_plan
     from lora_studio.methods import get_method, inject_adapters
     from lora_studio.models import load_model
-    from lora_studio.train import causal_lm_loss
+    from lora_studio.engine.loss import causal_lm_loss
 
     lines = ["| model | batch × length | measured saved MiB | estimated MiB | error |", "|---|---|---|---|---|"]
     for name, spec in models.items():
@@ -55,7 +56,7 @@ def saved_table(models: dict[str, str]) -> list[str]:
                 causal_lm_loss(model, b)
             trained = int((labels[:, 1:] != -100).sum())
             measured = (sum(seen.values()) - trained * model.config.vocab_size * 4) / MB
-            est = estimate(cfg, seq_len=length, trained_tokens=trained, device="cpu", model=model)
+            est = estimate(make_plan(cfg, "cpu"), seq_len=length, trained_tokens=trained, model=model)
             predicted = est.activations_mb - (batch * length * length / MB if batch > 1 else 0)  # no padding mask here
             lines.append(f"| {name} | {batch} × {length} | {measured:.1f} | {predicted:.1f} | {100 * (predicted / measured - 1):+.1f}% |")
     return lines

@@ -44,7 +44,7 @@ def _saved_bytes(model, batch) -> int:
     """Bytes of the tensors autograd saves for backward in one step (unique storages, no parameters)."""
     import torch
 
-    from lora_studio.train import causal_lm_loss
+    from lora_studio.engine.loss import causal_lm_loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
@@ -67,7 +67,7 @@ def heldout_loss(model, tokenizer, max_seq_len: int) -> float:
     import torch
 
     from lora_studio.data import alpaca_to_messages, collate, read_jsonl, tokenize_conversation
-    from lora_studio.train import causal_lm_loss
+    from lora_studio.engine.loss import causal_lm_loss
 
     rows = read_jsonl(HELDOUT)
     convs = [
@@ -95,7 +95,9 @@ def run_one(name: str, steps: int, batch_size: int, max_seq_len: int) -> dict:
     from lora_studio.data import collate
     from lora_studio.methods import get_method
     from lora_studio.models import load_model, load_tokenizer
-    from lora_studio.train import build_optimizer, prepare, train
+    from lora_studio.engine.loop import prepare
+    from lora_studio.engine.plan import make_plan
+    from lora_studio.engine.run import train
 
     method, quantize = (name.split("@")[0], "4bit") if "@" in name else (name, None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,12 +116,12 @@ def run_one(name: str, steps: int, batch_size: int, max_seq_len: int) -> dict:
         load_adapter(tuned, Path(tmp) / "adapter")
         loss_heldout = heldout_loss(tuned, tokenizer, max_seq_len)
     # Memory of one step, measured on a fresh copy: the first training batch, saved tensors, optimizer state.
-    parts = prepare(resolved)
+    parts = prepare(make_plan(resolved))
     model = parts["model"]
     model.train()
     batch = collate(parts["examples"][:batch_size], tokenizer.pad_token_id)
     activations = _saved_bytes(model, batch)
-    optimizer = build_optimizer(model, resolved)
+    optimizer = get_method(resolved.method).make_optimizer(model, resolved)
     optimizer.step()
     state = sum(
         t.numel() * t.element_size()

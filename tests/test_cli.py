@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from lora_studio import runfiles as rf
-from lora_studio.checkpoint import list_checkpoints
+from lora_studio.engine.checkpoint import list_checkpoints
 from lora_studio.cli import main
 from lora_studio.config import TrainConfig
-from lora_studio.train import train
+from lora_studio.engine.run import train
 
 
 def train_args(model_dir, data, out, *extra) -> list[str]:
@@ -77,7 +77,9 @@ def dead_pid() -> int:
     (["--batch-size", "25"], "batch_size (25) is larger than the data (24 training examples); use a batch size of 24 or less"),
     (["--batch-size", "23", "--val-fraction", "0.1"], "batch_size (23) is larger than the data (22 training examples)"),
     (["--rank", "1000000000"], "is more than this machine has"),
-], ids=["batch over the rows", "batch over the rows after the held-out split", "memory beyond the machine"])
+    (["--method", "lora-pro", "--strategy", "fsdp", "--gpus", "2"], "LoRA-Pro cannot train with --strategy fsdp"),
+], ids=["batch over the rows", "batch over the rows after the held-out split", "memory beyond the machine",
+        "a method fsdp cannot shard, before torchrun starts"])
 def test_train_refuses_what_the_train_tab_refuses_before_a_run_folder_exists(
     tiny_llama_dir, train_file, tmp_path, capsys, extra, words
 ):

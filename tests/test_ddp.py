@@ -45,6 +45,7 @@ def test_two_gloo_processes_equal_one_process(tiny_llama_dir, tmp_path):
 
     status = read_status(tmp_path / "ddp")
     assert status["state"] == "done" and status["world_size"] == 2 and status["step"] == 7
+    assert status["strategy"] == "ddp"  # auto: the tiny model fits
     a = load_file(str(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio import export
+from lora_studio import cards, export
 from tests.conftest import format_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     root = tmp_path_factory.mktemp("export")
     data = write_jsonl(root / "answers.jsonl", format_rows(8))
@@ -81,7 +81,7 @@ def test_push_without_any_token_says_so(run_dir, monkeypatch):
 
 
 def test_card_reports_the_runs_own_figures(run_dir):
-    card = export.model_card(run_dir)
+    card = cards.model_card(run_dir)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert f"| first / final train loss | {rows[0]['loss']:.4g} / {rows[-1]['loss']:.4g} |" in card
     assert f"| steps | {len(rows)} of {len(rows)} |" in card and "`answers.jsonl`" in card
@@ -159,7 +159,7 @@ def test_cli_export_gguf_round_trips_to_the_merged_models_replies(run_dir, tmp_p
 def test_cli_export_gguf_refuses_an_unsupported_family_before_loading(tiny_gpt2_dir, tmp_path, capsys):
     from lora_studio.cli import main
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", format_rows(4))
     assert train(TrainConfig(data=str(data), out=str(tmp_path / "g"), model=tiny_gpt2_dir, rank=2, batch_size=4, max_steps=1))["state"] == "done"
@@ -264,7 +264,7 @@ def test_gguf_lora_of_a_lora_run_applies_to_the_base_gguf_as_our_merge(run_dir, 
 
 def test_gguf_lora_of_a_delta_lora_run_is_its_rank_2r_export(tiny_llama_dir, tmp_path):
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", format_rows(8))
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "dl"), model=tiny_llama_dir, method="delta-lora", rank=2,
@@ -278,7 +278,7 @@ def test_gguf_lora_of_a_delta_lora_run_is_its_rank_2r_export(tiny_llama_dir, tmp
 def test_gguf_lora_refuses_methods_llama_cpp_cannot_apply(method, tiny_llama_dir, tmp_path, capsys):
     from lora_studio.cli import main
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     data = write_jsonl(tmp_path / "d.jsonl", format_rows(4))
     cfg = TrainConfig(data=str(data), out=str(tmp_path / "r"), model=tiny_llama_dir, method=method, rank=2, batch_size=4, max_steps=1)

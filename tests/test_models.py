@@ -39,7 +39,7 @@ def test_tokenizer_without_template_gets_default(tiny_llama_dir, tmp_path):
 @pytest.mark.slow
 def test_bundled_model_trains_a_few_steps(tmp_path):
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     tok = load_tokenizer("bundled")
     assert tok.eos_token == "<|im_end|>" and "<|im_start|>" in tok.chat_template

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lora_studio.config import TrainConfig
-from lora_studio.data import Example, split_examples
-from lora_studio.preflight import check_batch, held_out_count, preflight
+from lora_studio.data import Example, held_out_count, split_examples
+from lora_studio.preflight import check_batch, preflight
 
 
 @pytest.mark.parametrize("rows,fraction", [(24, 0.1), (10, 0.25), (2, 0.9), (7, 0.5), (100, 0.01)])

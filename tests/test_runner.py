@@ -196,7 +196,7 @@ def test_run_ids_cannot_leave_the_runs_folder(runs, bad):
 
 
 def test_runner_imports_neither_gradio_nor_torch():
-    code = "import sys, lora_studio.runner; print(sorted(m for m in ('gradio', 'torch') if m in sys.modules))"
+    code = "import sys, lora_studio.runner, lora_studio.supervisor; print(sorted(m for m in ('gradio', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
@@ -236,7 +236,7 @@ def test_a_run_without_owner_or_cap_has_no_owner_file(runs, train_file):
 
 
 def test_public_mode_workers_get_an_allow_listed_environment(monkeypatch):
-    from lora_studio.runner import worker_env
+    from lora_studio.supervisor import worker_env
 
     planted = {"HF_TOKEN": "hf_planted0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_planted0123456789",
                "AWS_SECRET_ACCESS_KEY": "k", "OAUTH_CLIENT_SECRET": "s", "LORA_STUDIO_SECRET": "s",

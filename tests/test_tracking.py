@@ -14,7 +14,7 @@ import pytest
 
 from lora_studio.config import TrainConfig
 from lora_studio.tracking import metric_values
-from lora_studio.train import train
+from lora_studio.engine.run import train
 from tests.conftest import format_rows, write_jsonl
 
 TRACKER_MODULES = ("wandb", "trackio", "tensorboard", "torch.utils.tensorboard")
@@ -88,7 +88,7 @@ def test_off_by_default_and_nothing_is_imported(spy, tiny_llama_dir, tmp_path):
     # and importing the engine pulls in none of them either
     import subprocess
 
-    code = f"import sys, lora_studio.train, lora_studio.cli; print([m for m in {TRACKER_MODULES!r} if m in sys.modules])"
+    code = f"import sys, lora_studio.engine.run, lora_studio.cli; print([m for m in {TRACKER_MODULES!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -21,6 +21,8 @@ from lora_studio.data.batching import (
     length_grouped_batches,
     model_inputs,
     pack_examples,
+    held_out_count,
+    held_out_ids,
     split_examples,
 )
 from lora_studio.data.formats import FORMATS, Message, Sample, detect_format, parse_columns
@@ -121,6 +123,8 @@ __all__ = [
     "rows_frame",
     "sample_spans",
     "spans_text",
+    "held_out_count",
+    "held_out_ids",
     "split_examples",
     "tokenize_all",
     "tokenize_conversation",

@@ -125,6 +125,21 @@ def check_packing(model: nn.Module, atol: float = 1e-4) -> None:
         )
 
 
+def held_out_count(rows: int, fraction: float) -> int:
+    """How many of `rows` usable rows are held out for validation: round(fraction · rows), at
+    least 1 and at least 1 left (none when there is no fraction or too few rows to split: the
+    split itself then says what is wrong). The one split rule: the run, the preflight and the
+    benchmark all count with it."""
+    if not fraction or fraction <= 0 or rows < 2:
+        return 0
+    return min(rows - 1, max(1, round(fraction * rows)))
+
+
+def held_out_ids(rows: int, fraction: float, seed: int) -> set[int]:
+    """Which of `rows` rows (0-based) are held out: `held_out_count` of them, drawn with `seed`."""
+    return set(random.Random(seed).sample(range(rows), held_out_count(rows, fraction)))
+
+
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out `fraction` of the examples (at least one, and at least one left to train),
     chosen with `seed`; both parts keep the file order."""
@@ -132,8 +147,7 @@ def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple
         return list(examples), []
     if len(examples) < 2:
         raise DataError(f"val_fraction={fraction} needs at least 2 usable rows; there is {len(examples)}")
-    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    chosen = set(random.Random(seed).sample(range(len(examples)), n_val))
+    chosen = held_out_ids(len(examples), fraction, seed)
     train = [e for i, e in enumerate(examples) if i not in chosen]
     val = [e for i, e in enumerate(examples) if i in chosen]
     return train, val

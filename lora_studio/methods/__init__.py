@@ -28,6 +28,14 @@ REGISTRY: dict[str, Method] = {
 }
 
 
+def method_for_peft_config(config: dict) -> Method | None:
+    """The method a peft adapter_config.json describes: its peft_type and the fields a method sets
+    (DoRA's use_dora); the most specific match, LoRA for a plain one; None for other peft types."""
+    found = [m for m in REGISTRY.values() if m.peft_type == config.get("peft_type")
+             and all(config.get(k) == v for k, v in m.peft_fields.items())]  # fmt: skip
+    return max(found, key=lambda m: len(m.peft_fields), default=None)
+
+
 def get_method(name: str) -> Method:
     try:
         return REGISTRY[name]
@@ -45,5 +53,6 @@ __all__ = [
     "get_method",
     "inject_adapters",
     "merge_adapters",
+    "method_for_peft_config",
     "trainable_parameters",
 ]

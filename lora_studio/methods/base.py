@@ -127,16 +127,33 @@ class Method:
     """Values for unset config fields (rank, alpha, lr, ...) and method options."""
     peft_type: str = "LORA"
     """`LORA` or `VERA`: the peft config class the exported adapter maps to."""
+    peft_fields: dict[str, Any] = field(default_factory=dict)
+    """adapter_config.json fields that mark this method in PEFT's format (DoRA: `use_dora: true`);
+    a foreign adapter whose config holds them is read as this method."""
+    peft_settings: Callable[[dict], dict] | None = None
+    """(adapter_config) -> our settings, for a foreign peft adapter; None: LoRA's (r, lora_alpha, use_rslora)."""
+    writes_base: bool = False
+    """True where training changes the frozen base weight too (Delta-LoRA's after-step rule): the
+    base then stays in full precision, and checkpoints save it."""
     supports_4bit: bool = True
     """False where the method must write the base weight (Delta-LoRA)."""
     why_not_4bit: str = ""
     """Shown when a 4-bit base is refused: why, and what to pick instead."""
+    fsdp_note: str | Callable[[Any], str | None] | None = None
+    """Why the method cannot train with `--strategy fsdp` (its maths needs whole tensors outside
+    a layer's forward, where FSDP2 holds only this rank's rows), or (cfg) -> that reason where
+    it depends on an option; None: it shards."""
     new_context: Callable[[nn.Module, list[str], Any], dict] = lambda model, names, cfg: {}
     """Builds what all layers of one model share (VeRA's frozen random matrices)."""
     build_optimizer: Callable[..., torch.optim.Optimizer] | None = None
     """(model, cfg) -> optimizer; None means AdamW over the trainable parameters."""
     after_step: Callable[..., None] | None = None
     """(model, cfg, step) run after every optimizer step."""
+    keeps_layer_input: bool = True
+    """Memory estimate: False where backward needs no adapted layer's input (LoRA-FA: A is frozen)."""
+    saved_per_linear: Callable[[int, int], int] = lambda rank, d_out: rank
+    """Memory estimate: (rank, d_out) -> elements per token the adapter saves for backward per
+    adapted linear, besides the layer input (LoRA: x·Aᵀ, r of them)."""
     init_changes_base: bool = False
     """True where the adapted model differs from the base at step 0 by design."""
     uses_lr_ratio: bool = False
@@ -156,13 +173,36 @@ class Method:
         options = getattr(cfg, "method_options", None) or {}
         return options[key] if key in options else self.defaults[key]
 
+    def make_optimizer(self, model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+        """This method's optimizer: its own `build_optimizer`, else AdamW over the trainable parameters."""
+        if self.build_optimizer is not None:
+            return self.build_optimizer(model, cfg)
+        params = list(trainable_parameters(model).values())
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
     @property
     def option_names(self) -> list[str]:
-        return sorted(k for k in self.defaults if k not in CONFIG_FIELDS)
+        """Default keys that are method options: every key that is not a TrainConfig field."""
+        from lora_studio.config import FIELD_NAMES
 
+        return sorted(k for k in self.defaults if k not in FIELD_NAMES)
 
-CONFIG_FIELDS = frozenset({"rank", "alpha", "dropout", "lr", "lr_ratio"})
-"""Method defaults that fill TrainConfig fields; every other default key is a method option."""
+    @property
+    def plain_lora(self) -> bool:
+        """Whether the exported adapter is a plain peft LoRA, W + s·B·A (what llama.cpp's GGUF LoRA holds)."""
+        return self.peft_type == "LORA" and not self.peft_fields
+
+    def settings_from_peft(self, config: dict) -> dict:
+        """Our settings for a foreign peft adapter of this method, from its adapter_config.json."""
+        if self.peft_settings is not None:
+            return {"method": self.name, **self.peft_settings(config)}
+        return {
+            "method": self.name,
+            "rank": config["r"],
+            "alpha": config.get("lora_alpha", config["r"]),
+            "dropout": 0.0,
+            "use_rslora": bool(config.get("use_rslora")),
+        }
 
 
 def check_config(method: Method, cfg: Any) -> None:

@@ -171,6 +171,7 @@ DELTA_LORA = Method(
     hook="after-step",
     build_layer=build_delta_lora,
     defaults={"rank": 16, "dropout": 0.0, "lr": 2e-4, "lr_ratio": 1.0, "lambda": 2.0, "start_step": None},
+    writes_base=True,
     supports_4bit=False,
     why_not_4bit=(
         "it adds λ·s·Δ(BA) to the base weight W after every step, and an NF4 weight cannot take such small "
@@ -182,4 +183,8 @@ DELTA_LORA = Method(
     export_state=export_delta_lora,
     export_config=export_delta_lora_config,
     import_state=import_delta_lora,
+    fsdp_note=(
+        "its after-step rule adds the change of B·A to the whole base weight W, a product of two "
+        "sharded matrices written into a third, outside any layer's forward where FSDP2 gathers them"
+    ),
 )

@@ -93,4 +93,6 @@ DORA = Method(
     hook="layer",
     build_layer=build_dora,
     defaults={"rank": 16, "dropout": 0.0, "lr": 2e-4, "lr_ratio": 1.0},  # alpha: 2 * rank
+    peft_fields={"use_dora": True},
+    saved_per_linear=lambda rank, d_out: rank + 2 * d_out,  # x·Aᵀ, plus the output and 1/‖W+BA‖ per row
 )

@@ -129,4 +129,10 @@ LORA_FA = Method(
     defaults={"rank": 16, "dropout": 0.0, "lr": 2e-4, "lr_ratio": 1.0, "projected_gradient": False},
     build_optimizer=build_lora_fa_optimizer,
     check=check_lora_fa,
+    keeps_layer_input=False,
+    fsdp_note=lambda cfg: (  # plain LoRA-FA (A frozen, AdamW on B) shards like LoRA
+        "its projected B gradient (projected_gradient=True) needs the whole A of each layer ((A A^T)^-1), "
+        "and FSDP2 holds only this rank's rows of A in the optimizer step"
+        if LORA_FA.option(cfg, "projected_gradient") else None
+    ),
 )

@@ -104,4 +104,8 @@ LORA_PRO = Method(
     build_layer=build_lora,
     defaults={"rank": 16, "dropout": 0.0, "lr": 2e-4, "lr_ratio": 1.0},  # alpha: 2 * rank
     build_optimizer=build_lora_pro_optimizer,
+    fsdp_note=(
+        "its gradient correction solves r x r systems built from the whole A and B of each layer "
+        "(A A^T, B^T B), and FSDP2 holds only this rank's rows of them in the optimizer step"
+    ),
 )

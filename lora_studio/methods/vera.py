@@ -179,4 +179,10 @@ VERA = Method(
     export_state=export_vera_state,
     export_config=export_vera_config,
     import_state=import_vera_state,
+    peft_settings=lambda config: {
+        "rank": config["r"], "alpha": 1.0, "dropout": 0.0, "use_rslora": False,
+        # Without saved projections, vera_A/vera_B are regrown from this seed.
+        "method_options": {"projection_prng_key": config.get("projection_prng_key", 0)},
+    },
+    saved_per_linear=lambda rank, d_out: 2 * rank + d_out,  # x·Aᵀ, λ_d-scaled, and B·(...) before λ_b
 )

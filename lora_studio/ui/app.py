@@ -81,6 +81,9 @@ def build_app(settings: AppSettings | None = None) -> gr.Blocks:
             return [dropdown_update(choices, c) for c in current]
 
         studio.after_identify(fill_pickers, run_pickers, run_pickers, api_visibility="undocumented", queue=False)
+        from lora_studio.ui.bakeoff_panel import start_background
+
+        start_background(studio)  # bake-offs go on with no page open
         if settings.public and keep_s:
             from lora_studio.ui.cleanup import start_cleanup
 
@@ -96,7 +99,7 @@ TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "HUGGINGFACE
 def seal_credentials() -> None:
     """Public mode: no request of a visitor may use the server's Hub token. Taken out of the
     environment, the token file ignored, and huggingface_hub told to send no token it was not
-    handed; the training processes get an allow-listed environment (runner.worker_env)."""
+    handed; the training processes get an allow-listed environment (supervisor.worker_env)."""
     for name in TOKEN_VARS:
         os.environ.pop(name, None)
     os.environ.update(HF_HUB_DISABLE_IMPLICIT_TOKEN="1", HF_TOKEN_PATH=os.devnull, HF_STORED_TOKENS_PATH=os.devnull)

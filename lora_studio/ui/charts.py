@@ -9,7 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-ACTIVE = ("queued", "starting", "running")
+from lora_studio import runfiles as rf
+
+ACTIVE = rf.WAITING_STATES
 
 
 def frame(records: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
@@ -66,16 +68,25 @@ def lr_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame(records, ["step", "lr", "series"])
 
 
-def memory_frame(rows: list[dict[str, Any]], estimate_mb: float | None) -> pd.DataFrame:
+def memory_frame(rows: list[dict[str, Any]], estimate_mb: float | None, per_rank: bool = True) -> pd.DataFrame:
     """step, MiB, series: the measured peak (GPU where there is one, else process RSS) and the
-    estimate made before training as a flat reference line over the same steps."""
+    estimate made before training as a flat reference line over the same steps. A run on
+    several processes logs every rank's peak (`rank_peak_mb`): one line per rank then (the
+    estimate is per rank too), unless `per_rank` is False (rank 0 only, one line per run)."""
     key, label = ("cuda_peak_mb", "measured GPU peak") if any("cuda_peak_mb" in r for r in rows) else (
         "peak_rss_mb", "measured peak RSS"
     )
-    records = [{"step": r["step"], "MiB": float(r[key]), "series": label} for r in rows if _num(r.get(key))]
+    records = []
+    for r in rows:
+        ranks = r.get("rank_peak_mb") if per_rank else None
+        if isinstance(ranks, list) and all(_num(v) for v in ranks):
+            records += [{"step": r["step"], "MiB": float(v), "series": f"{label}, rank {i}"} for i, v in enumerate(ranks)]
+        elif _num(r.get(key)):
+            records.append({"step": r["step"], "MiB": float(r[key]), "series": label})
     if estimate_mb and records:
         first, last = records[0]["step"], records[-1]["step"]
-        records += [{"step": s, "MiB": float(estimate_mb), "series": "estimate"} for s in sorted({first, last})]
+        name = "estimate per rank" if any(r.get("rank_peak_mb") for r in rows) else "estimate"
+        records += [{"step": s, "MiB": float(estimate_mb), "series": name} for s in sorted({first, last})]
     return frame(records, ["step", "MiB", "series"])
 
 
@@ -111,7 +122,7 @@ def progress_html(status: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         return ""
     pct = max(0.0, min(100.0, 100.0 * step / total))
     last = rows[-1] if rows else {}
-    eta = last.get("eta_s") if status.get("state") == "running" else 0.0
+    eta = last.get("eta_s") if status.get("state") == rf.RUNNING else 0.0
     return (
         f'<div class="train-progress" data-step="{step}" data-total="{total}">'
         f'<progress max="100" value="{pct:.1f}" style="width:100%;height:14px"></progress>'
@@ -129,34 +140,39 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
     of_total = f" of {total}" if total else ""
     where = f"\n\nFiles: `{run_path}`" if run_path else ""
     loss = f", loss {status['loss']:.4f}" if _num(status.get("loss")) else ""
-    if state == "queued":
+    if state == rf.QUEUED:
         pos = status.get("queue_position")
         return (
             f"**{run_id}: queued**{f' (position {pos})' if pos else ''}. Another run is using the device; "
             "this one starts by itself when it is free."
         )
-    if state == "starting":
+    if state == rf.STARTING:
         return f"**{run_id}: starting**: loading the model and the data…"
-    if state == "running":
+    if state == rf.RUNNING:
         stopping = status.get("stopping")
         note = {"stop": " Stop requested: saving at the end of this step…", "abort": " Abort requested…"}.get(
             stopping or "", ""
         )
-        return f"**{run_id}: training**, step {step}{of_total}{loss}.{note}"
-    if state == "done":
+        world = status.get("world_size") or 1
+        ranks = f" on {world} processes ({str(status.get('strategy', 'ddp')).upper()})" if world > 1 else ""
+        return f"**{run_id}: training**{ranks}, step {step}{of_total}{loss}.{note}"
+    if state == rf.DONE:
+        if status.get("stop_reason"):  # early stopping: why, at which step, and which step's adapter was kept
+            return (f"**{run_id}: stopped early**: {status['stop_reason']}. Chat with it in **Compare**, "
+                    f"download or push it in **Export**.{where}")  # fmt: skip
         return (
             f"**{run_id}: finished** after {step} steps{loss}. The adapter is saved in `adapter/`: chat with it in "
             f"**Compare**, download or push it in **Export**.{where}"
         )
-    if state == "stopped":
+    if state == rf.STOPPED:
         why = f" {str(status['message'])[0].upper()}{str(status['message'])[1:]}." if status.get("capped") and status.get("message") else ""
         return (
             f"**{run_id}: stopped** at step {step}{of_total}{loss}.{why} The adapter of that step is saved; resume the run "
             f"from the **Runs** tab.{where}"
         )
-    if state == "aborted":
+    if state == rf.ABORTED:
         return f"**{run_id}: aborted** at step {step}{of_total}; nothing was saved from it.{where}"
-    if state == "failed":
+    if state == rf.FAILED:
         error = status.get("error") or "unknown error"
         tail = status.get("log_tail")
         log = f"\n\nLast lines of the log:\n```\n{tail}\n```" if tail else ""
@@ -173,3 +189,12 @@ def advice(error: str) -> str:
     if "config.json" in low or "not found" in low or "no such file" in low:
         return f"{text}\n\nCheck the model name or folder in the **Train** tab."
     return text
+
+
+def probes_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Probe answers (RUN/probes.jsonl rows) as a table: one row per evaluation step, one column per prompt."""
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        by_step.setdefault(r["step"], {"step": r["step"]})[r["prompt"]] = r["reply"]
+    return pd.DataFrame([by_step[s] for s in sorted(by_step)], columns=["step", *prompts])

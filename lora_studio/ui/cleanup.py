@@ -4,7 +4,8 @@ Every CLEAN_EVERY_S (and once at start), in a daemon thread of the app:
 - a finished run of an anonymous visitor (owner `anon-...`) older than the keep time is deleted
   (their id lives in one browser: nobody may come back for it);
 - a merged export (RUN/merged, a full model copy) older than a day is deleted, whoever's run;
-- an uploaded data file older than the keep time that no remaining run uses is deleted.
+- an uploaded data file older than the keep time that no remaining run uses is deleted;
+- an anonymous visitor's bake-off (RUNS/.bakeoffs) older than the keep time, once its runs are gone.
 Signed-in visitors' and the operator's runs are kept. Gradio's own cache is cleaned by gradio
 (`delete_cache`, set in ui/app.py).
 """
@@ -48,12 +49,26 @@ def clean(studio: Any, keep_s: float, now: float | None = None) -> list[str]:
         data = rf.read_json(folder / "config.json").get("data")
         if isinstance(data, str):
             used.add(Path(data).name)
+    removed += _clean_bakeoffs(runs_dir, keep_s, now)
     uploads = runs_dir / ".uploads"
     if uploads.is_dir() and not uploads.is_symlink():
         for path in uploads.iterdir():
             if path.is_file() and path.name not in used and now - path.stat().st_mtime > keep_s:
                 path.unlink(missing_ok=True)
                 removed.append(f".uploads/{path.name}")
+    return removed
+
+
+def _clean_bakeoffs(runs_dir: Path, keep_s: float, now: float) -> list[str]:
+    """An anonymous visitor's bake-off older than the keep time goes once none of its runs is left."""
+    removed = []
+    root = runs_dir / ".bakeoffs"
+    for folder in sorted(root.iterdir()) if root.is_dir() and not root.is_symlink() else []:
+        spec = rf.read_json(folder / "bakeoff.json") if folder.is_dir() and not folder.is_symlink() else {}
+        owner, runs = str(spec.get("owner") or ""), (spec.get("runs") or {}).values()
+        if owner.startswith("anon-") and now - (spec.get("created_at") or now) > keep_s and not any((runs_dir / r).exists() for r in runs):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(f".bakeoffs/{folder.name}")
     return removed
 
 

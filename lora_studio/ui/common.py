@@ -25,7 +25,6 @@ from lora_studio.runner import Runner
 from lora_studio.ui.identity import Caller, Identities
 from lora_studio.ui.settings import LOCAL_MODELS_ENV, AppSettings
 
-RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 POLL_EVERY_S = 3.0  # the runner's poll (a read of every run) from open pages, at most this often in all
 TOKENIZERS_KEPT = 8  # preview tokenizers kept in memory (a few MB each), least recently used dropped first
 
@@ -77,13 +76,13 @@ class Studio:
         Another visitor's run gets the very answer a run that does not exist gets."""
         if not run_id:
             raise gr.Error("Pick a run first (train one in the Train tab).")
-        if not isinstance(run_id, str) or not RUN_ID.match(run_id) or ".." in run_id:
+        if not rf.valid_run_id(run_id):
             raise gr.Error(f"{run_id!r} is not a run id")
         path = self.runs_dir / run_id
         exists = (path / "config.json").exists() or (path / "status.json").exists()
         if not exists or not self.owns(caller, run_id):
             raise gr.Error(f"run {run_id} not found")
-        if need_adapter and not (path / "adapter" / "adapter_config.json").exists():
+        if need_adapter and not rf.has_adapter(path):
             raise gr.Error(f"run {run_id} has no saved adapter yet (it is saved when training ends or stops)")
         return path
 
@@ -107,7 +106,7 @@ class Studio:
         choices = []
         for status in self.list_runs(caller):
             run_id = status["run_id"]
-            if need_adapter and not (self.runs_dir / run_id / "adapter" / "adapter_config.json").exists():
+            if need_adapter and not rf.has_adapter(self.runs_dir / run_id):
                 continue
             choices.append((run_label(status), run_id))
         return choices

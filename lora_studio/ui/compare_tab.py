@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 import pandas as pd
 
+from lora_studio import runfiles as rf
 from lora_studio.chat import describe_votes, heldout_prompts, read_votes, record_vote
 from lora_studio.compare import GenerationSettings, read_prompts
 from lora_studio.ui.common import Studio, friendly, plain_messages, run_picker
@@ -45,9 +46,9 @@ def _run_defaults(studio: Studio, run_id: str | None, caller: Caller) -> tuple[A
     run = studio.run_dir(run_id, caller)
     from lora_studio.adapters import read_adapter_record
 
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").exists():
+    if not rf.has_adapter(run):
         return gr.update(), gr.update(), gr.update(), f"Run {run_id} has no adapter yet."
+    adapter = rf.adapter_dir(run)
     record = read_adapter_record(adapter)
     gen = record.get("generation") or {}
     info = (
@@ -220,6 +221,8 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
                 elem_id="batch-source",
             )
             go = gr.Button("Answer all", variant="primary", elem_id="batch-run")
+            score = gr.Button("Score (exact match, F1, ROUGE-L)", elem_id="batch-score")
+    scores = gr.Markdown(elem_id="batch-scores")
     table = gr.Dataframe(headers=BATCH_COLUMNS, label="Base vs tuned", wrap=True, elem_id="batch-table")
     csv = gr.File(label="CSV", elem_id="batch-csv", interactive=False, height=90)
 
@@ -255,6 +258,42 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
         pd.DataFrame(rows, columns=columns).to_csv(out, index=False)
         yield pd.DataFrame(rows, columns=columns), str(out)
 
+    @friendly
+    def run_score(run_id, path, which, temperature, top_p, max_tokens, request: gr.Request):
+        """Greedy replies of base and tuned to rows with references, scored (lora_studio.evaluate);
+        the file's rows are in any training format (prompt, then the reference reply)."""
+        from lora_studio.evaluate import evaluate_model, reference_rows, summarize
+
+        run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
+        settings = _settings(studio, 0.0, 1.0, max_tokens)  # scores are of greedy replies
+        if which == "validation":
+            config = json.loads((run_dir / "config.json").read_text())
+            items = heldout_prompts(run_dir, studio.tokenizer(config.get("model", "bundled")))
+        elif path:
+            items = reference_rows(path)
+        else:
+            raise ValueError("Upload rows with reference replies first (or score the run's validation rows).")
+        cap = studio.settings.limits.batch_prompts
+        if cap and len(items) > cap:
+            raise ValueError(
+                f"{len(items)} prompts is over this server's limit of {cap} per batch (LORA_STUDIO_MAX_BATCH_PROMPTS)"
+            )
+        for item in items:
+            _check_prompt(studio, item["prompt"], "prompt")
+        with studio.chat.using(run_dir) as tm:
+            scored = evaluate_model(tm, items, settings)
+        s = summarize(scored)
+        text = "| | exact match | token F1 | ROUGE-L |\n|---|---|---|---|\n" + "".join(
+            f"| {who} | {s[who]['exact_match']:.3f} | {s[who]['f1']:.3f} | {s[who]['rougeL']:.3f} |\n" for who in ("base", "tuned")
+        ) + f"\n{s['n']} rows, greedy, at most {settings.max_new_tokens} new tokens."
+        rows = [{"prompt": r["prompt"], "reference": r["reference"], "base": r["base"], "tuned": r["tuned"],
+                 "tuned ROUGE-L": round(r["tuned_scores"]["rougeL"], 3)} for r in scored]  # fmt: skip
+        return text, pd.DataFrame(rows)
+
+    score.click(
+        run_score, [run, prompts_file, source, *gen_inputs], [scores, table], api_name="score",
+        concurrency_id="model", concurrency_limit=1,
+    )  # fmt: skip
     go.click(
         run_batch,
         [run, prompts_file, source, *gen_inputs],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_studio import export
+from lora_studio import cards, export, runfiles as rf
 from lora_studio.ui.common import Studio, friendly, run_picker
 
 
@@ -121,9 +121,9 @@ def build_export_tab(studio: Studio) -> None:
             if not run_id:
                 return ""
             run_dir = studio.run_dir(run_id, studio.caller(request))
-            if not (run_dir / "adapter" / "adapter_config.json").exists():
+            if not rf.has_adapter(run_dir):
                 return ""
-            return export.model_card(run_dir, "adapter")
+            return cards.model_card(run_dir, "adapter")
 
         zip_button.click(build_zip, run, zip_file, api_name="export_zip")
         merge_button.click(merge, [run, merged_zip], [merged_info, merged_file], api_name="export_merged")

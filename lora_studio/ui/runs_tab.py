@@ -12,7 +12,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from lora_studio import runfiles as rf
 from lora_studio.ui import charts
+from lora_studio.ui.bakeoff_panel import build_bakeoff_panel
 from lora_studio.ui.common import Studio, friendly
 from lora_studio.ui.identity import Caller
 from lora_studio.ui.train_tab import check_fair_share
@@ -76,7 +78,7 @@ def overlay(studio: Studio, run_ids: list[str]) -> tuple[pd.DataFrame, pd.DataFr
         rows = studio.runner.metrics(run_id)
         for r in charts.loss_frame(rows).to_dict("records"):
             losses.append({"step": r["step"], "loss": r["loss"], "run": f"{run_id} ({r['series']})"})
-        for r in charts.memory_frame(rows, None).to_dict("records"):
+        for r in charts.memory_frame(rows, None, per_rank=False).to_dict("records"):
             memory.append({"step": r["step"], "MiB": r["MiB"], "run": run_id})
     return charts.frame(losses, ["step", "loss", "run"]), charts.frame(memory, ["step", "MiB", "run"])
 
@@ -107,6 +109,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
             confirm = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
             cancel = gr.Button("Cancel", elem_id="runs-delete-cancel")
         message = gr.Markdown(elem_id="runs-message")
+        build_bakeoff_panel(studio, view)
 
     def listing(current_pick, current_one, caller: Caller):
         choices = studio.runs(caller)
@@ -140,7 +143,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
     def resume_run(run_id, view_state, request: gr.Request):
         caller = studio.caller(request)
         studio.run_dir(run_id, caller)
-        if studio.runner.status(run_id).get("state") not in ("queued", "starting", "running"):
+        if studio.runner.status(run_id).get("state") not in rf.WAITING_STATES:
             check_fair_share(studio, caller)  # a resumed run is queued again: one per visitor still
         studio.runner.resume(run_id)
         message = f"Run **{run_id}** resumes from its last checkpoint; follow it in the Train tab."
@@ -165,7 +168,7 @@ def build_runs_tab(studio: Studio, demo: gr.Blocks, view: gr.State, view_outputs
             except ValueError:
                 # A run that has just stopped: its state is final but its process is still exiting
                 # (the runner refuses until it is gone). Worth a short wait; anything else is the answer.
-                finished = studio.runner.status(run_id).get("state") in ("done", "stopped", "aborted", "failed")
+                finished = studio.runner.status(run_id).get("state") in rf.FINAL_STATES
                 if not finished or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)

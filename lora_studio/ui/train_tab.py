@@ -14,10 +14,12 @@ from typing import Any
 
 import gradio as gr
 
+from lora_studio import runfiles as rf
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY, get_method
 from lora_studio.models import BUNDLED, check_model_spec
 from lora_studio.preflight import preflight
+from lora_studio.probes import read_probes
 from lora_studio.ui import charts
 from lora_studio.ui.common import Studio, friendly
 from lora_studio.ui.identity import Caller
@@ -29,8 +31,24 @@ FIELDS = (
     "model", "quantize", "method", "rank", "alpha", "lr", "lr_ratio", "epochs", "batch_size", "max_seq_len",
     "dropout", "max_steps", "target", "seed", "warmup_ratio", "weight_decay", "use_rslora", "val_fraction",
     "packing", "drop_invalid", "grad_accum_steps", "gradient_checkpointing", "precision", "checkpoint_every",
-    "eval_every", "method_options", "trust_remote_code",
+    "eval_every", "method_options", "probes", "early_stop", "strategy", "trust_remote_code",
 )  # fmt: skip
+
+STRATEGIES = [
+    ("auto: DDP if the model fits one GPU, else FSDP", "auto"),
+    ("DDP: the whole model on each GPU", "ddp"),
+    ("FSDP: the model sharded over the GPUs (1/N each)", "fsdp"),
+]
+
+
+def visible_gpus(studio: Studio) -> int:
+    """The GPUs a run started here uses (the runner's `--gpus`): 0 without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    gpus = str(getattr(studio.runner, "gpus", "auto"))
+    return torch.cuda.device_count() if gpus == "auto" else min(int(gpus), torch.cuda.device_count())
 
 
 def method_line(name: str) -> str:
@@ -38,9 +56,12 @@ def method_line(name: str) -> str:
     return f"**{m.title}**: {m.summary} *({m.paper})*"
 
 
+DEFAULT_METHOD = TrainConfig().method
+
+
 def _uses_lr_ratio(name: str) -> bool:
     m = get_method(name)
-    return bool(getattr(m, "uses_lr_ratio", m.name == "lora-plus"))
+    return m.uses_lr_ratio
 
 
 def method_defaults(name: str) -> tuple[Any, ...]:
@@ -67,7 +88,8 @@ def build_config(values: dict[str, Any], selection: dict[str, Any] | None) -> Tr
         raise ValueError(f"method options must be JSON, e.g. {{\"d_initial\": 0.1}} ({e.msg})") from None
     if not isinstance(method_options, dict):
         raise ValueError("method options must be a JSON object")
-    ints = ("rank", "batch_size", "max_seq_len", "seed", "grad_accum_steps", "checkpoint_every", "eval_every")
+    v["probes"] = [line.strip() for line in (v.get("probes") or "").splitlines() if line.strip()]
+    ints = ("rank", "batch_size", "max_seq_len", "seed", "grad_accum_steps", "checkpoint_every", "eval_every", "early_stop")
     for key in ints:
         v[key] = _number(key, v[key], int)
     for key in ("epochs", "warmup_ratio", "weight_decay", "val_fraction"):
@@ -133,6 +155,14 @@ def apply_limits(studio: Studio, cfg: TrainConfig, caller: Caller) -> tuple[Trai
         raise ValueError(
             f"max length: {cfg.max_seq_len} tokens is over this server's limit of {lim.seq_len} (LORA_STUDIO_MAX_SEQ_LEN)"
         )
+    if lim.batch_prompts and len(cfg.probes) > lim.batch_prompts:
+        raise ValueError(
+            f"probes: {len(cfg.probes)} prompts is over this server's limit of {lim.batch_prompts} (LORA_STUDIO_MAX_BATCH_PROMPTS)"
+        )
+    if lim.prompt_chars and any(len(p) > lim.prompt_chars for p in cfg.probes):
+        raise ValueError(f"probes: a prompt is over this server's limit of {lim.prompt_chars} characters (LORA_STUDIO_MAX_PROMPT_CHARS)")
+    if lim.new_tokens:  # probe answers are replies too
+        cfg.probe_max_new_tokens = min(cfg.probe_max_new_tokens, lim.new_tokens)
     note = ""
     if lim.steps:
         if cfg.max_steps and cfg.max_steps > lim.steps:
@@ -150,7 +180,7 @@ def check_fair_share(studio: Studio, caller: Caller) -> None:
     lim = studio.settings.limits
     if caller.admin or not (lim.runs_per_visitor or lim.queue):
         return
-    waiting = [r for r in studio.runner.list_runs() if r.get("state") in ("queued", "starting", "running")]
+    waiting = [r for r in studio.runner.list_runs() if r.get("state") in rf.WAITING_STATES]
     mine = [r["run_id"] for r in waiting if studio.owns(caller, r["run_id"])]
     if lim.runs_per_visitor and len(mine) >= lim.runs_per_visitor:
         raise ValueError(
@@ -174,16 +204,21 @@ def check_start(studio: Studio, cfg: TrainConfig, selection: dict[str, Any]) -> 
     check_model_spec(cfg.model)
     if not cfg.trust_remote_code:  # a custom tokenizer would need the opt-in: the worker checks that one
         studio.tokenizer(cfg.model)  # a Hub id that is wrong, or not cached while offline
-    preflight(cfg, rows=selection.get("rows"), max_tokens=selection.get("max_tokens"))
+    preflight(cfg, rows=selection.get("rows"), max_tokens=selection.get("max_tokens"), world=max(1, visible_gpus(studio)))
 
 
-def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
+def preflight_text(cfg: TrainConfig, seq_len: int | None, world: int = 1) -> str:
+    """Parameters and the memory estimate (per rank on several GPUs, for the strategy the run
+    will use), and warnings about settings this machine cannot honour."""
     import torch
 
-    from lora_studio.memory import estimate
+    from lora_studio.engine.memory import estimate
+    from lora_studio.engine.plan import make_plan
 
-    cfg = cfg.resolved()
-    est = estimate(cfg, seq_len=seq_len)
+    # per rank for the strategy the run will use (auto decided; fsdp refused where it cannot work)
+    plan = make_plan(cfg, "cuda" if torch.cuda.is_available() else "cpu", world)
+    cfg = plan.cfg
+    est = estimate(plan, seq_len=seq_len)
     share = 100.0 * est.trainable_params / max(1, est.total_params)
     text = (
         f"**Before you start** · trainable parameters: **{est.trainable_params:,}** of {est.total_params:,} "
@@ -191,6 +226,8 @@ def preflight_text(cfg: TrainConfig, seq_len: int | None) -> str:
     )
     if cfg.quantize == "4bit" and not torch.cuda.is_available():
         text += "\n\n⚠ A 4-bit base needs a CUDA GPU and this machine has none: untick it to train here."
+    if cfg.quantize == "4bit" and world > 1:
+        text += "\n\nA 4-bit base trains with DDP on every GPU: bitsandbytes' NF4 weights do not shard under FSDP."
     if cfg.trust_remote_code:
         text += "\n\n⚠ Trust remote code is on: the model repo's Python code will run on this machine."
     return text
@@ -206,15 +243,15 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             quantize = gr.Checkbox(label="4-bit base (QLoRA; needs a CUDA GPU)", value=False, elem_id="quantize")
         with gr.Row():
             method = gr.Dropdown(
-                label="Method", choices=[(m.title, m.name) for m in REGISTRY.values()], value="lora", elem_id="method"
+                label="Method", choices=[(m.title, m.name) for m in REGISTRY.values()], value=DEFAULT_METHOD, elem_id="method"
             )
-            method_info = gr.Markdown(method_line("lora"), elem_id="method-summary")
+            method_info = gr.Markdown(method_line(DEFAULT_METHOD), elem_id="method-summary")
         with gr.Row():
             rank = gr.Number(label="Rank r", value=defaults.rank, precision=0, elem_id="rank")
             alpha = gr.Number(label="Alpha (scale = alpha / r)", value=defaults.alpha, elem_id="alpha")
             lr = gr.Number(label="Learning rate", value=defaults.lr, elem_id="lr")
             lr_ratio = gr.Number(
-                label="LR ratio ηB/ηA (LoRA+)", value=1.0, interactive=_uses_lr_ratio("lora"), elem_id="lr-ratio"
+                label="LR ratio ηB/ηA (LoRA+)", value=1.0, interactive=_uses_lr_ratio(DEFAULT_METHOD), elem_id="lr-ratio"
             )
         with gr.Row():
             epochs = gr.Number(label="Epochs", value=1.0, elem_id="epochs")
@@ -241,6 +278,21 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
                 checkpoint_every = gr.Number(label="Checkpoint every N steps", value=50, precision=0)
                 eval_every = gr.Number(label="Eval every N steps", value=50, precision=0)
                 options = gr.Textbox(label="Method options (JSON)", value="", elem_id="method-options")
+            with gr.Row():
+                probes = gr.Textbox(
+                    label="Probe prompts (one per line): answered greedily at each evaluation", lines=2, elem_id="probes"
+                )
+                early_stop = gr.Number(
+                    label="Early stop: evaluations without a better eval loss (0 = off; keeps the best)", value=0,
+                    precision=0, elem_id="early-stop",
+                )  # fmt: skip
+            # Only where the runs get more than one GPU: one process has nothing to share out.
+            strategy = gr.Dropdown(
+                label="Multi-GPU strategy", choices=STRATEGIES, value="auto", visible=visible_gpus(studio) > 1,
+                info="FSDP holds 1/N of the model per GPU; not with a 4-bit base (it stays on DDP), LoRA-Pro, "
+                "Delta-LoRA or LoRA-FA's projected gradient. See docs/distributed.md.",
+                elem_id="strategy",
+            )
             # Offered only where the operator allowed it at launch on a local server; kept hidden
             # otherwise (its place in /start's inputs stays), and refused over the API.
             trust = gr.Checkbox(
@@ -266,12 +318,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         with gr.Row():
             lr_plot = gr.LinePlot(x="step", y="lr", color="series", title="Learning rate", elem_id="lr-plot", height=220)
             speed_plot = gr.LinePlot(x="step", y="tokens/s", title="Tokens/s", elem_id="speed-plot", height=220)
+        probes_table = gr.Dataframe(label="Probe answers by step", interactive=False, wrap=True, elem_id="probes-table")
         timer = gr.Timer(POLL_S)
 
     widgets = [
         model, quantize, method, rank, alpha, lr, lr_ratio, epochs, batch_size, max_len, dropout, max_steps, target,
         seed, warmup, weight_decay, rslora, val_fraction, packing, drop_invalid, accum, checkpointing, precision,
-        checkpoint_every, eval_every, options, trust,
+        checkpoint_every, eval_every, options, probes, early_stop, strategy, trust,
     ]  # fmt: skip
     assert len(widgets) == len(FIELDS)
 
@@ -289,13 +342,13 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
             check_remote_code(studio, cfg)
             studio.check_model(cfg.model)  # no sizes of a server folder's model either
             check_model_spec(cfg.model)  # a missing folder named as such, not as a bad Hub id
-            return preflight_text(cfg, (sel or {}).get("max_tokens"))
+            return preflight_text(cfg, (sel or {}).get("max_tokens"), max(1, visible_gpus(studio)))
         except Exception as e:  # noqa: BLE001 - shown as advice; Start reports it again as an error
             return f"**Settings to fix:** {e}"
 
     gr.on(
         [w.change for w in (model, quantize, method, rank, alpha, lr, lr_ratio, batch_size, max_len, target, accum,
-                            checkpointing, precision, options)] + [selection.change, demo.load],
+                            checkpointing, precision, options, strategy)] + [selection.change, demo.load],
         check, [selection, *widgets], preflight, trigger_mode="always_last", api_name="preflight",
     )  # fmt: skip
 
@@ -366,8 +419,8 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
         too, and a run queued after it must not make every new page show that one instead."""
         caller = studio.caller(request)
         runs = studio.list_runs(caller)
-        training = [r for r in runs if r.get("state") in ("starting", "running")]
-        queued = sorted((r for r in runs if r.get("state") == "queued"), key=lambda r: r.get("queue_position") or 0)
+        training = [r for r in runs if r.get("state") in rf.ACTIVE_STATES]
+        queued = sorted((r for r in runs if r.get("state") == rf.QUEUED), key=lambda r: r.get("queue_position") or 0)
         pick = (training or queued or runs or [{}])[0].get("run_id")
         return redraw(pick, caller)
 
@@ -391,8 +444,22 @@ def build_train_tab(studio: Studio, demo: gr.Blocks, selection: gr.State, model:
     stop.click(stop_run, view, outputs, api_name="stop", queue=False)
     abort.click(abort_run, view, outputs, api_name="abort", queue=False)
     timer.tick(tick, view, outputs, api_visibility="undocumented", queue=False, show_progress="hidden")
+
+    def probe_answers(view_state, shown, request: gr.Request):
+        """The view's run's probes.jsonl as a table (a step per row, a prompt per column); only the owner's."""
+        run_id = (view_state or {}).get("run_id")
+        if not run_id or not studio.owns(studio.caller(request), run_id):
+            return None
+        frame = charts.probes_frame(read_probes(studio.runner.run_dir(run_id)))
+        same = shown is not None and len(getattr(shown, "index", [])) == len(frame) and list(shown.columns) == list(frame.columns)
+        return gr.skip() if same and len(frame) else frame
+
+    timer.tick(probe_answers, [view, probes_table], probes_table, api_name="probes", queue=False, show_progress="hidden")
     studio.after_identify(attach, view, outputs, api_name="attach", queue=False)
     # The Runs tab points the view at another run (resume, show) through these.
     view.switch_to = switch_to  # type: ignore[attr-defined]
     view.outputs = outputs  # type: ignore[attr-defined]
+    # The Runs tab's bake-off trains with these same settings: config_of(selection, *widget values).
+    view.config_inputs = [selection, *widgets]  # type: ignore[attr-defined]
+    view.config_of = lambda sel, *args: build_config(values_of(args), sel)  # type: ignore[attr-defined]
     return view

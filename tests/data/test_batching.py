@@ -21,7 +21,7 @@ from lora_studio.data import (
     split_examples,
 )
 from lora_studio.models import load_model
-from lora_studio.train import causal_lm_loss
+from lora_studio.engine.loss import causal_lm_loss
 
 WORDS = ["Paris", "hello", "world", "fox", "dog", "test", "small", "tiny"]
 

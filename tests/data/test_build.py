@@ -57,13 +57,14 @@ def test_config_checks_the_new_fields():
 
 
 def test_prepare_returns_val_examples_and_packs(tmp_path, tiny_llama_dir):
-    from lora_studio.train import prepare
+    from lora_studio.engine.loop import prepare
+    from lora_studio.engine.plan import make_plan
 
     data = jsonl(tmp_path / "d.jsonl", distinct_rows(16))
     cfg = TrainConfig(
         data=str(data), out=str(tmp_path / "run"), model=tiny_llama_dir, rank=4, max_seq_len=64, val_fraction=0.25, packing=True
     ).resolved()
-    parts = prepare(cfg)
+    parts = prepare(make_plan(cfg))
     assert len(parts["val_examples"]) == 4 and all(e.position_ids is None for e in parts["val_examples"])
     packed = parts["examples"]
     assert all(e.position_ids is not None and len(e.input_ids) <= 64 for e in packed)
@@ -72,7 +73,7 @@ def test_prepare_returns_val_examples_and_packs(tmp_path, tiny_llama_dir):
 
 
 def test_short_packed_run_writes_the_data_report(tmp_path, tiny_llama_dir):
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     data = jsonl(tmp_path / "d.jsonl", format_rows(24))  # 8 distinct rows, each three times
     cfg = TrainConfig(
@@ -88,7 +89,7 @@ def test_short_packed_run_writes_the_data_report(tmp_path, tiny_llama_dir):
 
 
 def test_train_refuses_bad_data_with_the_row(tmp_path, tiny_llama_dir):
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     data = jsonl(tmp_path / "d.jsonl", distinct_rows(3) + [{"instruction": "x", "output": 5}])
     status = train(TrainConfig(data=str(data), out=str(tmp_path / "run"), model=tiny_llama_dir, rank=4, max_steps=1))

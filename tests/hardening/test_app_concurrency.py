@@ -220,7 +220,7 @@ def test_stop_during_checkpoints_and_delete_of_a_running_run(app, tiny_llama_dir
 
 
 def check_stopped(folder: Path, status: dict) -> None:
-    from lora_studio.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+    from lora_studio.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
     assert status["state"] == "stopped", status
     leftovers = [p.name for p in (folder / "checkpoints").iterdir() if not re.match(r"^step-\d+$", p.name)]

@@ -24,11 +24,11 @@ import torch
 from gradio_client import Client, handle_file
 
 from lora_studio import runfiles as rf
-from lora_studio.checkpoint import latest_checkpoint, load_checkpoint
+from lora_studio.engine.checkpoint import latest_checkpoint, load_checkpoint
 from lora_studio.config import TrainConfig
 from lora_studio.runner import SUPERVISOR, pid_alive
-from lora_studio.train import train
-from scripts.soak import EXAMPLE, train_settings, wait_status
+from lora_studio.engine.run import train
+from tests.soak import EXAMPLE, train_settings, wait_status
 from tests.helpers import fake_checkpoints, run_pids
 from tests.ui.conftest import LaunchedApp, launch_app, stop_app
 

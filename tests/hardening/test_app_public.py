@@ -142,6 +142,7 @@ BY_NAME = {
     "vote_b": lambda r: (r,),
     "vote_tie": lambda r: (r,),
     "batch": lambda r: (r, None, "validation", *GREEDY),
+    "score": lambda r: (r, None, "validation", *GREEDY),
     "export_zip": lambda r: (r,),
     "export_merged": lambda r: (r, True),
     "push_to_hub": lambda r: (r, "visitor-a/stolen", TOKEN_A, "adapter", True),
@@ -286,6 +287,35 @@ def test_the_limits_hold_with_clear_messages(app, world, tiny_llama_dir, tmp_pat
     prompts.write_text("one\ntwo\n")
     ok, text = call(a, done, handle_file(str(prompts)), "upload", *GREEDY, api_name="/batch")
     assert ok and "one" in text
+
+
+
+def test_a_bakeoff_is_its_visitor_s_own_and_counts_against_the_run_limit(app, world, tiny_llama_dir):
+    from lora_studio import bakeoff
+    from lora_studio.config import TrainConfig
+
+    a, b, done, live = world["a"], world["b"], world["done"], world["live"]
+    owner = json.loads((app.runs_dir / done / "owner.json").read_text())["owner"]
+    bk_id, ghost = "bk20990101-000000-abcd", "bk20990101-000000-0000"
+    folder = app.runs_dir / ".bakeoffs" / bk_id
+    bakeoff.create(folder, TrainConfig(data=str(EXAMPLE), model=tiny_llama_dir), "lora,dora", owner=owner, bk_id=bk_id)
+    before = (folder / bakeoff.BAKEOFF_FILE).read_bytes()
+    for name in ("bakeoff_show", "bakeoff_stop", "bakeoff_tick"):
+        ok_b, answer = call(b, bk_id, api_name=f"/{name}")
+        ok_g, answer_ghost = call(b, ghost, api_name=f"/{name}")
+        assert ok_b == ok_g and answer.replace(bk_id, "BK") == answer_ghost.replace(ghost, "BK"), (name, answer)
+        assert ok_b or "not found" in answer, (name, answer)
+    # B cancelled nothing; nothing started either (A has a run training: the app's background
+    # advance of A's series waits for it)
+    assert (folder / bakeoff.BAKEOFF_FILE).read_bytes() == before and not bakeoff.load(folder)["runs"]
+    ok, shown = call(a, bk_id, api_name="/bakeoff_show")
+    assert ok and "lora" in shown and "waiting" in shown
+    # A's start of a new bake-off: A already has a run training, one per visitor here.
+    ok, text = call(a, ["lora", "dora"], *settings(tiny_llama_dir), api_name="/bakeoff_start")
+    assert not ok and f"already have 1 run(s) queued or training ({live})" in text, text
+    assert {d.name for d in (app.runs_dir / ".bakeoffs").iterdir()} == {bk_id}
+    ok, text = call(a, bk_id, api_name="/bakeoff_stop")  # the owner can; and no later test sees it start
+    assert ok and bakeoff.load(folder)["cancelled"] and "cancelled" in text
 
 
 CHROMIUM = Path("/usr/bin/chromium")

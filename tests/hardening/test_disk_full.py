@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lora_studio import runfiles as rf
-from lora_studio.checkpoint import latest_checkpoint, load_checkpoint
+from lora_studio.engine.checkpoint import latest_checkpoint, load_checkpoint
 from lora_studio.config import TrainConfig
 from lora_studio.runner import Runner
 from tests.helpers import kill_run_processes, wait_for

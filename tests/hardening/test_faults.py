@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-import lora_studio.checkpoint as ckpt
-from lora_studio.checkpoint import latest_checkpoint, load_checkpoint
+import lora_studio.engine.checkpoint as ckpt
+from lora_studio.engine.checkpoint import latest_checkpoint, load_checkpoint
 from lora_studio.config import TrainConfig
 from lora_studio.runfiles import read_metrics, read_status
-from lora_studio.train import train
+from lora_studio.engine.run import train
 
 FAULTS = {
     "disk_full": (errno.ENOSPC, "disk full"),
@@ -100,18 +100,18 @@ def test_a_failed_status_write_never_leaves_a_broken_status(tmp_path, monkeypatc
 
 def test_out_of_memory_mid_run_keeps_the_last_checkpoint_and_resumes(tiny_llama_dir, train_file, tmp_path, monkeypatch):
     """An OOM at step 5 (checkpoints at 2 and 4): failed with advice, step 4 readable, resume equal."""
-    import lora_studio.train as train_mod
+    from lora_studio.engine.loop import Trainer
 
     reference = train(cfg(tmp_path / "ref", tiny_llama_dir, train_file))
     assert reference["state"] == "done"
-    real_step = train_mod._Loop.step
+    real_step = Trainer.step
 
     def step(self, ids):
         if self.pos.step == 4:  # the fifth optimizer step
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_step(self, ids)
 
-    monkeypatch.setattr(train_mod._Loop, "step", step)
+    monkeypatch.setattr(Trainer, "step", step)
     run = tmp_path / "run"
     failed = train(cfg(run, tiny_llama_dir, train_file))
     assert failed["state"] == "failed" and read_status(run)["state"] == "failed"
@@ -163,9 +163,9 @@ def test_a_nan_in_a_frozen_weight_fails_at_step_one_and_writes_no_weights(tiny_l
 def test_a_loss_turning_nan_mid_run_keeps_the_last_good_checkpoint(tiny_llama_dir, train_file, tmp_path, monkeypatch):
     """Steps 1-3 are fine (checkpoint at 2); the model turns NaN after step 3: step 4 stops the run
     before the optimizer applies it; checkpoint 2 stays, finite, and nothing non-finite is written."""
-    import lora_studio.train as train_mod
+    from lora_studio.engine.loop import Trainer
 
-    real_step = train_mod._Loop.step
+    real_step = Trainer.step
 
     def step(self, ids):
         if self.pos.step == 3:  # before the fourth step: a NaN appears in a frozen weight
@@ -174,7 +174,7 @@ def test_a_loss_turning_nan_mid_run_keeps_the_last_good_checkpoint(tiny_llama_di
         return real_step(self, ids)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(train_mod._Loop, "step", step)
+    monkeypatch.setattr(Trainer, "step", step)
     status = train(cfg(run, tiny_llama_dir, train_file, precision="fp32"))
     assert status["state"] == "failed" and "loss became NaN at step 4" in status["error"]
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]

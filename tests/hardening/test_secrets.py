@@ -14,7 +14,7 @@ import pytest
 from lora_studio.config import TrainConfig
 from lora_studio.redact import redact
 from lora_studio.runner import Runner
-from lora_studio.train import train
+from lora_studio.engine.run import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_PLANTEDsecretAbC123xyz789QQ"

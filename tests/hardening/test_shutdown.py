@@ -15,7 +15,7 @@ import textwrap
 import threading
 
 from lora_studio import runfiles as rf
-from lora_studio.checkpoint import latest_checkpoint
+from lora_studio.engine.checkpoint import latest_checkpoint
 from lora_studio.config import TrainConfig
 from lora_studio.runner import Runner, pid_alive
 from tests.helpers import kill_run_processes, run_pids, wait_for
@@ -109,7 +109,7 @@ def test_the_worker_s_output_reaches_train_log_redacted(tmp_path, monkeypatch, t
 def test_copy_redacted_keeps_every_line_and_redacts_each():
     import io
 
-    from lora_studio.runner import _copy_redacted
+    from lora_studio.supervisor import _copy_redacted
 
     text = b"step 1 loss 2.0\nhf_AbCdEfGh0123456789 leaked\nno newline at the end"
     sink = io.BytesIO()

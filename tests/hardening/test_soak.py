@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from scripts.soak import app_sample, model_weights_mib, small_model, soak
+from tests.soak import app_sample, model_weights_mib, small_model, soak
 from tests.ui.conftest import launch_app, stop_app
 
 RSS_TOLERANCE_MIB = 12.0

@@ -19,7 +19,8 @@ from lora_studio.methods import adapter_layers
 from lora_studio.methods.dora import DoRALinear
 from lora_studio.methods.lora_pro import lora_pro_gradients
 from lora_studio.methods.vera import shared_of
-from lora_studio.train import prepare
+from lora_studio.engine.loop import prepare
+from lora_studio.engine.plan import make_plan
 from tests.helpers import adapted, perturb
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -51,7 +52,7 @@ def test_lora_pro_solves_in_float64_even_inside_autocast():
 def test_delta_lora_moves_an_fp32_base_with_an_fp32_product(tiny_llama_dir, train_file, tmp_path):
     cfg = TrainConfig(data=str(train_file), out=str(tmp_path), model=tiny_llama_dir, method="delta-lora",
                       precision="bf16", rank=4, max_steps=4).resolved()
-    model = prepare(cfg, torch.device("cpu"))["model"]
+    model = prepare(make_plan(cfg, "cpu"))["model"]
     layers = adapter_layers(model)
     assert all(layer.base.weight.dtype == torch.float32 for layer in layers.values())
     perturb(model)
@@ -67,7 +68,7 @@ def test_delta_lora_moves_an_fp32_base_with_an_fp32_product(tiny_llama_dir, trai
 def test_vera_shared_matrices_and_scales_stay_fp32_when_the_base_is_bf16(tiny_llama_dir, train_file, tmp_path):
     cfg = TrainConfig(data=str(train_file), out=str(tmp_path), model=tiny_llama_dir, method="vera",
                       precision="bf16", max_steps=4).resolved()
-    model = prepare(cfg, torch.device("cpu"))["model"]
+    model = prepare(make_plan(cfg, "cpu"))["model"]
     layers = adapter_layers(model)
     assert any(layer.base.weight.dtype == torch.bfloat16 for layer in layers.values())  # the base did go to bf16
     shared = shared_of(model)

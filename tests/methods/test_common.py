@@ -8,7 +8,6 @@ import torch
 from lora_studio.adapters import load_adapter, save_adapter
 from lora_studio.methods import REGISTRY, adapter_layers, disable_adapter, get_method, merge_adapters
 from lora_studio.models import load_model
-from lora_studio.train import build_optimizer
 from tests.helpers import adapted, logits, perturb, sample_ids
 
 METHODS = list(REGISTRY)
@@ -26,7 +25,7 @@ def test_identity_at_init(method, tiny_model_dir):
 
 def _options(method: str) -> dict:
     # Delta-LoRA from step 1, so its rule on W is checked by the same single step.
-    return {"method_options": {"start_step": 0}} if method == "delta-lora" else {}
+    return {"method_options": {"start_step": 0}} if "start_step" in get_method(method).option_names else {}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -34,7 +33,7 @@ def test_step_changes_only_the_adapter(method, tiny_model_dir):
     model, cfg = adapted(tiny_model_dir, method, **_options(method))
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     model.train()
     ids = sample_ids(model.config.vocab_size, batch=4, length=16)
@@ -47,7 +46,7 @@ def test_step_changes_only_the_adapter(method, tiny_model_dir):
     moved_bases = set()
     for name, layer in adapter_layers(model).items():
         key = f"{name}.base.weight"
-        if method == "delta-lora":
+        if m.writes_base:  # Delta-LoRA, the one method that writes the base:
             # W1 = W0 + λ·s·(B1 A1 − B0 A0), B0 = 0; stored transposed for GPT-2's Conv1D
             lam = cfg.method_options["lambda"]
             delta = lam * layer.scaling * (layer.lora_B @ layer.lora_A)
@@ -111,7 +110,7 @@ def test_trains_end_to_end(method, tiny_llama_dir, train_file, tmp_path):
     import math
 
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     cfg = TrainConfig(
         data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir, method=method,
@@ -133,7 +132,7 @@ def test_trains_end_to_end(method, tiny_llama_dir, train_file, tmp_path):
 
 def test_unknown_option_fails_the_run_up_front(tiny_llama_dir, train_file, tmp_path):
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     cfg = TrainConfig(data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir, method="vera",
                       method_options={"d_inital": 0.5}, max_steps=1)
@@ -150,7 +149,7 @@ def test_impossible_combinations_are_refused_before_any_work(tiny_llama_dir):
     with pytest.raises(ValueError, match="--merge cannot fold the adapter into a 4-bit base.*train without --quantize"):
         adapted(tiny_llama_dir, "dora", quantize="4bit", merge=True)
     for method in METHODS:
-        if method != "delta-lora":
+        if get_method(method).supports_4bit:
             adapted(tiny_llama_dir, method, quantize="4bit")  # accepted (the model here is float; only settings are read)
 
 
@@ -168,3 +167,23 @@ def test_method_file_states_paper_equation_and_defaults(method):
     lr = m.defaults["lr"]
     assert f"rank {m.defaults['rank']}" in defaults, f"{method}: default rank undocumented"
     assert f"lr {lr:.0e}".replace("e-0", "e-") in defaults, f"{method}: default lr undocumented"
+
+
+def test_no_method_is_named_outside_methods():
+    """What the rest of the package needs to know about a method is an attribute of Method (the
+    default method's name, `lora`, is also the config default and GGUF's adapter type)."""
+    from pathlib import Path
+
+    import lora_studio
+    from lora_studio.config import TrainConfig
+
+    root = Path(lora_studio.__file__).parent
+    names = [n for n in REGISTRY if n != TrainConfig().method]
+    found = [
+        f"{path.relative_to(root)}: {name}"
+        for path in root.rglob("*.py")
+        if "methods" not in path.relative_to(root).parts
+        for name in names
+        if f'"{name}"' in path.read_text() or f"'{name}'" in path.read_text()
+    ]
+    assert found == []

@@ -16,7 +16,7 @@ import pytest
 
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY
-from lora_studio.train import train
+from lora_studio.engine.run import train
 from tests.conftest import format_rows, write_jsonl
 
 SHARE_OF_LORA = 0.6

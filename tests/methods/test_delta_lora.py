@@ -13,7 +13,6 @@ from lora_studio.methods import adapter_layers, disable_adapter, get_method, mer
 from lora_studio.methods.delta_lora import start_step
 from lora_studio.methods.lora import LoRALinear
 from lora_studio.models import load_model
-from lora_studio.train import build_optimizer
 from tests.helpers import adapted, logits, method_cfg, sample_ids
 
 K, N, LAM = 2, 5, 2.0
@@ -25,7 +24,7 @@ def _train(model_dir: str, steps: int = N, k: int = K):
     layers = adapter_layers(model)
     w0 = {n: layer.base.weight.detach().clone() for n, layer in layers.items()}
     at_k = {n: (layer.lora_A.detach().clone(), layer.lora_B.detach().clone()) for n, layer in layers.items()}
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     method = get_method("delta-lora")
     model.train()
     for step in range(1, steps + 1):

@@ -20,7 +20,7 @@ from lora_studio.adapters import load_adapter
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY, get_method, merge_adapters
 from lora_studio.models import load_model
-from lora_studio.train import train
+from lora_studio.engine.run import train
 from tests.families import FAMILIES, build
 from tests.helpers import logits, sample_ids
 from tests.methods.test_qlora import PROBLEM as BNB_PROBLEM

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_studio.methods import adapter_layers
+from lora_studio.engine.optim import linear_schedule
+from lora_studio.methods import adapter_layers, get_method
 from lora_studio.models import load_model
-from lora_studio.train import build_optimizer, linear_schedule
 from tests.helpers import adapted
 
 
@@ -20,7 +20,7 @@ def _peft_name(name: str) -> str:
 def test_default_ratio_is_16_and_b_gets_it(tiny_llama_dir):
     model, cfg = adapted(tiny_llama_dir, "lora-plus")
     assert cfg.lr_ratio == 16.0
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     for layer in adapter_layers(model).values():
         assert lr_of[id(layer.lora_A)] == cfg.lr
@@ -33,7 +33,7 @@ def test_groups_and_lrs_equal_peft(tiny_model_dir, ratio):
     from peft.optimizers import create_loraplus_optimizer
 
     ours, cfg = adapted(tiny_model_dir, "lora-plus", lr_ratio=ratio, lr=3e-4)
-    opt = build_optimizer(ours, cfg)
+    opt = get_method(cfg.method).make_optimizer(ours, cfg)
     names = {id(p): n for n, p in ours.named_parameters()}
     ours_lr = {_peft_name(names[id(p)]): g["lr"] for g in opt.param_groups for p in g["params"]}
 
@@ -49,7 +49,7 @@ def test_groups_and_lrs_equal_peft(tiny_model_dir, ratio):
 
 def test_schedule_keeps_the_ratio(tiny_llama_dir):
     model, cfg = adapted(tiny_llama_dir, "lora-plus")
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     scheduler = linear_schedule(optimizer, warmup=2, total=10)
     for _ in range(5):
         optimizer.step()

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_studio.methods import adapter_layers
+from lora_studio.methods import adapter_layers, get_method
 from lora_studio.methods.lora_pro import LoRAProAdamW, lora_pro_gradients, solve_sylvester_sym
-from lora_studio.train import build_optimizer
 from tests.helpers import adapted, sample_ids
 
 D_OUT, D_IN, R, S = 24, 20, 4, 2.0
@@ -79,7 +78,7 @@ def test_optimizer_rewrites_gradients_before_adamw(tiny_llama_dir):
     with torch.no_grad():  # B != 0, as after a few steps
         for layer in adapter_layers(model).values():
             layer.lora_B.normal_(std=0.05)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     assert isinstance(optimizer, LoRAProAdamW) and len(optimizer.pairs) == len(adapter_layers(model))
     model.train()
     ids = sample_ids(model.config.vocab_size, batch=2, length=12)

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from lora_studio.adapters import load_adapter, save_adapter
-from lora_studio.methods import adapter_layers, get_method, inject_adapters
+from lora_studio.methods import REGISTRY, adapter_layers, get_method, inject_adapters
 from lora_studio.methods.base import base_weight
 from lora_studio.models import load_model
-from lora_studio.train import build_optimizer
 from tests.helpers import logits, method_cfg, perturb, sample_ids
 
 
@@ -32,7 +31,7 @@ def _bnb_cpu_problem() -> str | None:
 PROBLEM = _bnb_cpu_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
-FOUR_BIT_METHODS = ["lora", "lora-fa", "lora-plus", "lora-pro", "dora", "vera"]
+FOUR_BIT_METHODS = [name for name, m in REGISTRY.items() if m.supports_4bit]  # all but Delta-LoRA
 
 
 def _four_bit(model_dir: str, method: str, **overrides):
@@ -76,7 +75,7 @@ def test_a_step_moves_only_the_adapter(tiny_llama_dir, method):
     model, cfg = _four_bit(tiny_llama_dir, method)
     packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.__class__.__name__ == "Params4bit"}
     assert packed
-    optimizer = build_optimizer(model, cfg)
+    optimizer = get_method(cfg.method).make_optimizer(model, cfg)
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.train()
     ids = sample_ids(model.config.vocab_size, batch=4, length=16)
@@ -110,7 +109,7 @@ def test_impossible_combinations_are_refused(tiny_llama_dir):
 
 def test_train_refuses_delta_lora_on_4bit_before_loading(tmp_path, train_file, tiny_llama_dir):
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     cfg = TrainConfig(data=str(train_file), out=str(tmp_path / "run"), model=tiny_llama_dir,
                       method="delta-lora", quantize="4bit", max_steps=1)

@@ -87,7 +87,7 @@ def stop_app(app: LaunchedApp) -> None:
 def train_tiny_run(runs_dir: Path, model_dir: str, run_id: str = "tiny-done", steps: int = 8) -> Path:
     """A finished run made by the engine itself (not the UI), so Compare and Export have an adapter."""
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
 
     data = write_jsonl(runs_dir.parent / f"{run_id}.jsonl", format_rows(16))
     cfg = TrainConfig(

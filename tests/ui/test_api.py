@@ -160,7 +160,7 @@ def test_batch_on_the_runs_validation_rows(client, ui_runs_dir, tiny_llama_dir):
     import random
 
     from lora_studio.config import TrainConfig
-    from lora_studio.train import train
+    from lora_studio.engine.run import train
     from tests.conftest import format_rows, write_jsonl
 
     rows = [{**r, "instruction": f"{r['instruction']} ({i})"} for i, r in enumerate(format_rows(16))]
@@ -172,6 +172,22 @@ def test_batch_on_the_runs_validation_rows(client, ui_runs_dir, tiny_llama_dir):
     held = sorted(random.Random(3).sample(range(16), 4))  # the split rule of data.split_examples
     assert table["headers"] == ["prompt", "reference", "base", "tuned"]
     assert [r[:2] for r in table["data"]] == [[rows[i]["instruction"], rows[i]["output"]] for i in held]
+
+
+def test_score_button_scores_base_and_tuned_against_references(client, done_run, oracle, tmp_path):
+    from gradio_client import handle_file
+
+    from lora_studio.scoring import rouge_l
+    from tests.conftest import format_rows, write_jsonl
+
+    path = write_jsonl(tmp_path / "refs.jsonl", format_rows(3))
+    summary, table = client.predict(done_run.name, handle_file(str(path)), "upload", *GREEDY.values(), api_name="/score")
+    assert table["headers"] == ["prompt", "reference", "base", "tuned", "tuned ROUGE-L"]
+    for row in table["data"]:
+        assert row[2] == expected(oracle, row[0], tuned=False) and row[3] == expected(oracle, row[0], tuned=True)
+        assert row[4] == pytest.approx(rouge_l(row[3], row[1]), abs=1e-3)
+    mean = sum(rouge_l(r[3], r[1]) for r in table["data"]) / 3
+    assert f"| tuned |" in summary and f"{mean:.3f} |" in summary.split("| tuned |")[1]
 
 
 def test_gguf_button_builds_the_file_modelfile_and_readme(client, done_run, oracle):

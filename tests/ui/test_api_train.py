@@ -12,7 +12,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from scripts import soak
+from tests import soak
 from tests.conftest import format_rows, write_jsonl
 from tests.ui.conftest import ROOT, launch_app, stop_app
 
@@ -28,7 +28,7 @@ def settings(model: str, **over) -> list:
         max_seq_len=128, dropout=0.0, max_steps=0, target="all-linear", seed=0, warmup_ratio=0.03, weight_decay=0.0,
         use_rslora=False, val_fraction=0.0, packing=False, drop_invalid=False, grad_accum_steps=1,
         gradient_checkpointing=False, precision="auto", checkpoint_every=10, eval_every=50, method_options="",
-        trust_remote_code=False,
+        trust_remote_code=False, probes="", early_stop=0, strategy="auto",
     )  # fmt: skip
     values.update(over)
     return [values[f] for f in FIELDS]
@@ -184,3 +184,30 @@ def test_login_protects_the_api(tmp_path, tiny_llama_dir):
         assert table["data"] == [] or table["data"] == [[None] * len(table["headers"])]
     finally:
         stop_app(app)
+
+
+def test_strategy_is_offered_and_estimated_per_gpu_only_with_several(tiny_llama_dir, monkeypatch):
+    import torch
+
+    from lora_studio.config import TrainConfig
+    from lora_studio.ui import train_tab
+
+    class FakeStudio:
+        class runner:  # noqa: N801 - stands for Studio.runner
+            gpus = "auto"
+
+    assert train_tab.visible_gpus(FakeStudio) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert train_tab.visible_gpus(FakeStudio) == 4
+    FakeStudio.runner.gpus = "2"
+    assert train_tab.visible_gpus(FakeStudio) == 2
+    monkeypatch.undo()
+
+    cfg = TrainConfig(model=tiny_llama_dir, rank=4, strategy="fsdp", precision="fp32")
+    assert "per rank" not in train_tab.preflight_text(cfg, 64)
+    text = train_tab.preflight_text(cfg, 64, world=2)
+    assert "per rank of 2 (FSDP)" in text and "gathered blocks" in text
+    with pytest.raises(ValueError, match="LoRA-Pro cannot train with --strategy fsdp"):
+        train_tab.preflight_text(TrainConfig(model=tiny_llama_dir, method="lora-pro", strategy="fsdp"), 64, world=2)
+    assert "per rank of 2 (DDP)" in train_tab.preflight_text(TrainConfig(model=tiny_llama_dir, strategy="ddp"), 64, world=2)

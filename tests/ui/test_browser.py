@@ -178,3 +178,37 @@ def test_the_whole_journey(browser, studio, shots, tmp_path):
     assert f"{run_id}-adapter/adapter_config.json" in names and f"{run_id}-adapter/adapter_model.safetensors" in names
     page.screenshot(path=str(shots / "export.png"), full_page=True)
     page.close()
+
+
+def test_a_bakeoff_of_two_methods_fills_its_leaderboard(browser, studio, shots):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(studio.url)
+    page.set_input_files("#data-file input[type=file]", str(EXAMPLE))
+    page.wait_for_selector("#data-summary :text('ready to train')")
+    open_tab(page, "train")
+    page.wait_for_selector("#preflight :text('trainable parameters')")
+    fill_number(page, "batch-size", "4")
+    page.locator("#train-advanced").get_by_text("Advanced").first.click()
+    fill_number(page, "max-steps", "2")
+    open_tab(page, "runs")
+    page.locator("#bakeoff").get_by_text("Bake-off").first.click()
+    methods = page.locator("#bakeoff-methods")
+    assert methods.get_by_label("lora", exact=True).is_checked() and methods.get_by_label("dora", exact=True).is_checked()
+    page.locator("#bakeoff-start").click()
+    page.wait_for_selector("#bakeoff-message :text('in progress')")
+    page.wait_for_selector("#bakeoff-message :text('finished')", timeout=240_000)
+    board = page.locator("#bakeoff-board").inner_text()
+    assert "lora" in board and "dora" in board
+    bk_id = re.search(r"(bk\d{8}-\d{6}-[0-9a-f]{4})", page.locator("#bakeoff-message").inner_text()).group(1)
+    folder = studio.runs_dir / ".bakeoffs" / bk_id
+    rows = (folder / "leaderboard.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",," not in r.split(",", 2)[2] for r in rows[1:]), rows  # every column filled
+    wait_points(page, "bakeoff-loss", 1)
+    page.screenshot(path=str(shots / "bakeoff.png"), full_page=True)
+    # A reload reopens the finished bake-off.
+    page.reload()
+    open_tab(page, "runs")
+    page.locator("#bakeoff").get_by_text("Bake-off").first.click()
+    page.wait_for_function(f"() => (document.querySelector('#bakeoff-pick input') || {{}}).value?.includes('{bk_id}')")
+    page.wait_for_selector("#bakeoff-message :text('finished')")

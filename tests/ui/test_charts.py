@@ -33,6 +33,16 @@ def test_memory_draws_the_estimate_as_a_reference_line():
     assert set(gpu["series"]) == {"measured GPU peak"} and set(gpu["MiB"]) == {42.0}
 
 
+def test_memory_of_several_ranks_has_one_line_per_rank():
+    rows = [{**r, "rank_peak_mb": [500.0 + r["step"], 300.0]} for r in ROWS]
+    frame = charts.memory_frame(rows, estimate_mb=450.0)
+    assert frame[frame.series == "measured peak RSS, rank 1"]["MiB"].tolist() == [300.0] * 3
+    assert frame[frame.series == "measured peak RSS, rank 0"]["MiB"].tolist() == [501.0, 502.0, 503.0]
+    assert set(frame.series) == {"measured peak RSS, rank 0", "measured peak RSS, rank 1", "estimate per rank"}
+    one = charts.memory_frame(rows, None, per_rank=False)  # the Runs tab's overlay: one line per run
+    assert set(one.series) == {"measured peak RSS"} and len(one) == 3
+
+
 def test_progress_bar_and_eta():
     bar = charts.progress_html({"state": "running", "step": 2, "total_steps": 8}, ROWS[:2])
     assert 'data-step="2" data-total="8"' in bar and "25%" in bar and "ETA 0:08" in bar
@@ -78,3 +88,48 @@ def test_live_loss_has_its_eval_series_before_the_first_eval():
     assert charts.live_loss_frame(ROWS[:1], has_eval=False)["series"].tolist() == ["train"]
     assert charts.live_loss_frame(ROWS, has_eval=True)["series"].tolist().count("eval") == 1  # the real one only
     assert charts.live_loss_frame([], has_eval=True).empty
+
+
+def test_probe_answers_by_step():
+    rows = [{"step": 2, "prompt": "a?", "reply": "x"}, {"step": 2, "prompt": "b?", "reply": "y"},
+            {"step": 4, "prompt": "a?", "reply": "z"}]  # fmt: skip
+    frame = charts.probes_frame(rows)
+    assert list(frame.columns) == ["step", "a?", "b?"]
+    assert frame.fillna("").values.tolist() == [[2, "x", "y"], [4, "z", ""]]
+    assert list(charts.probes_frame([]).columns) == ["step"]
+
+
+def test_train_tab_settings_carry_probes_and_early_stop():
+    from lora_studio.ui.settings import Limits
+    from lora_studio.ui.train_tab import FIELDS, apply_limits, build_config
+    from tests.ui.test_api_train import settings
+
+    values = dict(zip(FIELDS, settings("m", probes="Say hi\n\n  Say bye \n", early_stop=3, val_fraction=0.2)))
+    cfg = build_config(values, {"data": "d.jsonl"})
+    assert cfg.probes == ["Say hi", "Say bye"] and cfg.early_stop == 3
+
+    class Fake:  # apply_limits reads only studio.settings.limits
+        class settings:
+            limits = Limits.none()
+            limits.batch_prompts, limits.new_tokens = 1, 16
+
+    caller = type("C", (), {"admin": False})()
+    import pytest
+
+    with pytest.raises(ValueError, match="probes: 2 prompts is over this server's limit of 1"):
+        apply_limits(Fake, cfg, caller)
+    cfg.probes = ["Say hi"]
+    assert apply_limits(Fake, cfg, caller)[0].probe_max_new_tokens == 16  # probe answers are replies: capped
+
+
+def test_status_says_why_a_run_stopped_early():
+    reason = "early stop at step 7: eval_loss did not improve for 2 evaluation(s); the adapter is from step 5 (eval_loss 1.2000)"
+    text = charts.status_markdown("r1", {"state": "done", "step": 7, "stop_reason": reason})
+    assert "stopped early" in text and "at step 7" in text and "from step 5" in text
+    assert "stopped early" not in charts.status_markdown("r1", {"state": "done", "step": 7})
+
+
+def test_a_run_on_several_processes_says_how_many_and_the_strategy():
+    text = charts.status_markdown("r1", {"state": "running", "step": 3, "total_steps": 9, "world_size": 4, "strategy": "fsdp"})
+    assert "training** on 4 processes (FSDP), step 3 of 9" in text
+    assert "processes" not in charts.status_markdown("r1", {"state": "running", "step": 3, "world_size": 1})

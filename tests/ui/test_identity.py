@@ -110,6 +110,14 @@ def test_cleanup_removes_old_anonymous_runs_old_merged_exports_and_unused_upload
     left = {p.name for p in runs.iterdir() if not p.name.startswith(".")}
     assert left == {"anon-new", "anon-queued", "hf-old"}
     assert {p.name for p in (runs / ".uploads").iterdir()} == {"hf-old.jsonl", "fresh-orphan.jsonl"}
+    # bake-offs: an old anonymous one whose runs are gone goes; one with a run left, a new one, a signed-in one stay
+    for name, owner, age, run in [("bk-old", "anon-1", 8, "anon-old"), ("bk-run-left", "anon-1", 8, "anon-new"),
+                                  ("bk-new", "anon-1", 1, "anon-old"), ("bk-hf", "hf:zoe", 30, "anon-old")]:  # fmt: skip
+        (runs / ".bakeoffs" / name).mkdir(parents=True)
+        rf.write_json_atomic(runs / ".bakeoffs" / name / "bakeoff.json",
+                             {"owner": owner, "created_at": now - age * day, "runs": {"lora": run}})  # fmt: skip
+    assert clean(studio, keep_s=7 * day, now=now) == [".bakeoffs/bk-old"]
+    assert {p.name for p in (runs / ".bakeoffs").iterdir()} == {"bk-run-left", "bk-new", "bk-hf"}
 
 
 class _Stream:

@@ -24,6 +24,11 @@
   activations, and with gradient checkpointing 0.5 × the activations the step would keep
   without it (glibc retains freed block intermediates; both factors measured, see below);
   0.25 × on CUDA (not measured: no GPU was available when this was written).
+* several processes (`world` > 1), per rank: with `strategy=ddp` every rank holds all of the
+  weights, adapter, gradients and optimizer state, and a 1/world share of the batch. With
+  `fsdp` (FSDP2) weights, adapter, gradients and optimizer state are divided by world, plus the
+  whole weights of two blocks (the one running and the next, gathered ahead) and, at the root,
+  the embeddings and LM head gathered for the forward: `gathered_mb`.
 * runtime: Python, torch, transformers and tokenizers in a CPU process (400 MB); on a GPU the
   CUDA context (about 500 MB) is outside torch's counters and not part of `total_mb`.
 
@@ -42,16 +47,19 @@ them; LoRA r=16 on every linear, fp32, CPU):
 from __future__ import annotations
 
 import dataclasses
-import math
+import resource
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lora_studio.config import TrainConfig
-from lora_studio.precision import resolve_precision
-from lora_studio.speed import LOSS_CHUNK_BYTES
+from lora_studio.engine.plan import Plan
+from lora_studio.engine.speed import LOSS_CHUNK_BYTES
+from lora_studio.methods import Method
 
 MB = 2**20
 CPU_RUNTIME_MB = 400.0
@@ -78,11 +86,16 @@ class MemoryEstimate:
     micro_batch: int
     seq_len: int
     notes: list[str] = field(default_factory=list)
+    strategy: str = "single"
+    """`single` (one process), `ddp` or `fsdp`: the numbers are per rank."""
+    world: int = 1
+    gathered_mb: float = 0.0
+    """FSDP only: the whole weights gathered for the block running (and the next), per rank."""
 
     @property
     def total_mb(self) -> float:
         parts = (
-            self.weights_mb + self.adapter_mb + self.gradients_mb + self.optimizer_mb
+            self.gathered_mb + self.weights_mb + self.adapter_mb + self.gradients_mb + self.optimizer_mb
             + self.activations_mb + self.logits_mb + self.workspace_mb
         )
         return parts + (self.runtime_mb if self.device == "cpu" else 0.0)
@@ -96,7 +109,9 @@ class MemoryEstimate:
             f"~{self.total_mb / 1024:.2f} GiB {where}: weights {self.weights_mb:.0f} MiB, adapter+grads+optimizer "
             f"{self.adapter_mb + self.gradients_mb + self.optimizer_mb:.0f} MiB, activations "
             f"{self.activations_mb + self.logits_mb + self.workspace_mb:.0f} MiB"
+            + (f", gathered blocks {self.gathered_mb:.0f} MiB" if self.strategy == "fsdp" else "")
             + (f", runtime {self.runtime_mb:.0f} MiB" if self.device == "cpu" else "")
+            + (f" — per rank of {self.world} ({self.strategy.upper()})" if self.world > 1 else "")
         )
 
 
@@ -169,7 +184,7 @@ def _input_group(name: str, d_in: int, arch: Arch) -> str:
 
 
 def activation_elements_per_token(
-    arch: Arch, layer_linears: list[AdaptedLinear], method: str, rank: int, dropout: float, seq_len: int, device: str
+    arch: Arch, layer_linears: list[AdaptedLinear], method: Method, rank: int, dropout: float, seq_len: int, device: str
 ) -> float:
     """Elements autograd saves per token for one block (see the module docstring)."""
     h, kv, n, i = arch.hidden, arch.kv_dim, arch.heads, arch.intermediate
@@ -186,28 +201,27 @@ def activation_elements_per_token(
             base += 2 * h
     sizes = {"attn_in": h, "attn_out": 0, "mlp_in": h, "mlp_mid": i}
     groups = {_input_group(lin.name, lin.d_in, arch) for lin in layer_linears}
-    keeps_input = method != "lora-fa"
+    keeps_input = method.keeps_layer_input
     adapter = sum(sizes[g] for g in groups) if keeps_input else 0
     for lin in layer_linears:
-        adapter += rank if method != "vera" else 2 * rank + lin.d_out
-        if method == "dora":
-            adapter += 2 * lin.d_out
+        adapter += method.saved_per_linear(rank, lin.d_out)
         if dropout > 0 and keeps_input:
             adapter += lin.d_in * 1.25  # the dropped copy (fp32) and its bool mask
     return base + adapter
 
 
-def _build_meta(cfg: TrainConfig) -> nn.Module:
+def _build_meta(plan: Plan) -> nn.Module:
     """The model with its adapter, on the meta device: shapes and counts, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_studio.methods import get_method, inject_adapters
+    from lora_studio.methods import inject_adapters
     from lora_studio.models import resolve_model_path
 
+    cfg = plan.cfg
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model), trust_remote_code=cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-        inject_adapters(model, get_method(cfg.method), cfg)
+        inject_adapters(model, plan.method, cfg)
     return model
 
 
@@ -246,36 +260,36 @@ def _weight_bytes(model: nn.Module, cfg: TrainConfig, base_dtype: torch.dtype, l
 
 
 def estimate(
-    cfg: TrainConfig,
+    plan: Plan,
     *,
     seq_len: int | None = None,
     trained_tokens: int | None = None,
-    device: str | torch.device | None = None,
-    world: int = 1,
     model: nn.Module | None = None,
+    strategy: str | None = None,
 ) -> MemoryEstimate:
-    """Estimate the peak memory of training `cfg` (see the module docstring for the parts).
+    """Estimate the peak memory of training `plan` (see the module docstring for the parts).
 
     `seq_len` is the padded length of the largest batch (default `max_seq_len`, the worst
     case); `trained_tokens` the positions with a loss in that micro-batch (default: half of
     them). `model` is an already built model with its adapter (else one is built on `meta`).
+    `strategy` (default `plan.strategy`; `single` counts as ddp) splits the parts per rank when
+    `plan.world` > 1 (see the module docstring).
     """
     from lora_studio.methods import count_parameters
 
-    cfg = cfg.resolved()
-    device_t = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    built = model if model is not None else _build_meta(cfg)
+    cfg, device_t = plan.cfg, plan.device
+    built = model if model is not None else _build_meta(plan)
     arch = Arch.from_config(built.config)
     linears = _adapted_linears(built)
     trainable, total = count_parameters(built)
-    autocast, base_dtype = resolve_precision(cfg, device_t)
+    autocast, base_dtype = plan.autocast_dtype, plan.base_dtype
     seq = min(seq_len or cfg.max_seq_len, cfg.max_seq_len)
-    micro = max(1, math.ceil(cfg.batch_size / (cfg.grad_accum_steps * max(1, world))))
+    micro = plan.micro_batch
     tokens = micro * seq
     trained = trained_tokens if trained_tokens is not None else tokens // 2
     elem = 2 if autocast is not None else 4
     per_block = activation_elements_per_token(
-        arch, _first_block(linears, arch.layers), cfg.method, cfg.rank, cfg.dropout, seq, device_t.type
+        arch, _first_block(linears, arch.layers), plan.method, cfg.rank, cfg.dropout, seq, device_t.type
     )
     notes = []
     if cfg.gradient_checkpointing:
@@ -299,12 +313,23 @@ def estimate(
         workspace = 0.5 * tokens * arch.layers * per_block * elem
     else:
         workspace = activations
+    weights = _weight_bytes(built, cfg, base_dtype, linears)
+    world = plan.world
+    strategy = "single" if world <= 1 else ("fsdp" if (strategy or plan.strategy) == "fsdp" else "ddp")
+    shard, gathered = 1.0, 0.0
+    if strategy == "fsdp":
+        shard = 1.0 / world
+        per_block = (weights - _root_bytes(built)) / max(1, arch.layers)
+        gathered = (2 * per_block + _root_bytes(built)) * (1 - shard)  # this rank's share is counted already
+        notes.append(f"per rank of {world}: weights, adapter, gradients and optimizer state sharded 1/{world}")
+    elif strategy == "ddp":
+        notes.append(f"per rank of {world}: each rank holds the whole model, adapter and optimizer state")
     return MemoryEstimate(
         device=device_t.type,
-        weights_mb=_weight_bytes(built, cfg, base_dtype, linears) / MB,
-        adapter_mb=adapter / MB,
-        gradients_mb=adapter / MB,
-        optimizer_mb=2 * adapter / MB,
+        weights_mb=weights * shard / MB,
+        adapter_mb=adapter * shard / MB,
+        gradients_mb=adapter * shard / MB,
+        optimizer_mb=2 * adapter * shard / MB,
         activations_mb=activations / MB,
         logits_mb=logits / MB,
         workspace_mb=workspace / MB,
@@ -314,15 +339,82 @@ def estimate(
         micro_batch=micro,
         seq_len=seq,
         notes=notes,
+        strategy=strategy,
+        world=max(1, world),
+        gathered_mb=gathered / MB,
     )
 
 
-def estimate_for_examples(
-    cfg: TrainConfig, model: nn.Module, examples: list[Any], device: torch.device, world: int = 1
-) -> MemoryEstimate:
+def _root_bytes(model: nn.Module) -> float:
+    """Bytes of the frozen weights outside the decoder blocks (embeddings, final norm, LM head)."""
+    from lora_studio.engine.fsdp import decoder_layers
+
+    inside = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    return float(sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside and not p.requires_grad))
+
+
+def pick_strategy(plan: Plan, capacity_mb: float | None = None) -> str:
+    """`cfg.strategy` with `auto` decided: ddp when the DDP estimate per rank fits one device's
+    memory (`capacity_mb`; default: the GPU's, or on a CPU the free RAM shared by the ranks),
+    else fsdp where the run can shard. One process: `single`. (make_plan calls it.)"""
+    cfg, world, device = plan.cfg, plan.world, plan.device
+    if world <= 1:
+        return "single"
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    from lora_studio.engine.fsdp import fsdp_refusal
+
+    if fsdp_refusal(plan.method, cfg) is not None:
+        return "ddp"
+    if capacity_mb is None:
+        if device.type == "cuda":
+            capacity_mb = torch.cuda.get_device_properties(device).total_memory / MB
+        else:
+            import psutil
+
+            capacity_mb = psutil.virtual_memory().available / MB / world
+    try:
+        need = estimate(plan, strategy="ddp").total_mb
+    except Exception:  # noqa: BLE001 - no estimate for this model: DDP, the choice that needs no sharding rules
+        return "ddp"
+    return "ddp" if need <= capacity_mb else "fsdp"
+
+
+def estimate_for_examples(plan: Plan, model: nn.Module | None, examples: list[Any]) -> MemoryEstimate:
     """The estimate for the largest micro-batch of this data (the loop groups by length)."""
-    micro = max(1, math.ceil(cfg.batch_size / (cfg.grad_accum_steps * max(1, world))))
-    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:micro]
-    seq = len(longest[0].input_ids) if longest else cfg.max_seq_len
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[: plan.micro_batch]
+    seq = len(longest[0].input_ids) if longest else plan.cfg.max_seq_len
     trained = sum(sum(1 for t in e.labels[1:] if t != -100) for e in longest)
-    return estimate(cfg, seq_len=seq, trained_tokens=trained, device=device, world=world, model=model)
+    return estimate(plan, seq_len=seq, trained_tokens=trained, model=model)
+
+
+# ---------------------------------------------------------------- measured during a run
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (MiB).
+
+    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a worker spawned by
+    a large app process would report the app's size as its own peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Process RSS now and at peak (MiB); CUDA allocated/reserved/peak where there is a GPU."""
+    import psutil
+
+    stats = {"rss_mb": psutil.Process().memory_info().rss / 2**20, "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        stats.update(
+            cuda_allocated_mb=torch.cuda.memory_allocated(device) / 2**20,
+            cuda_reserved_mb=torch.cuda.memory_reserved(device) / 2**20,
+            cuda_peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+        )
+    return stats

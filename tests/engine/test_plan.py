@@ -1,4 +1,4 @@
-"""lora_studio/precision.py: the one place a run's precision is decided."""
+"""lora_studio/engine/plan.py: the one place a run's precision (and the rest of its Plan) is decided."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from lora_studio import memory, precision, train
+from lora_studio.engine import loop, memory, plan as precision
 from lora_studio.config import TrainConfig
 from lora_studio.methods import REGISTRY
 
@@ -37,11 +37,24 @@ def test_frozen_linears_go_to_bf16_only_under_bf16_autocast_on_an_fp32_base_left
     assert not precision.stores_frozen_linears_in_bf16(cfg, bf16, bf16)  # already bf16
     assert not precision.stores_frozen_linears_in_bf16(dataclasses.replace(cfg, merge=True), bf16, fp32)
     assert not precision.stores_frozen_linears_in_bf16(dataclasses.replace(cfg, quantize="4bit"), bf16, fp32)
-    writes_base = next(name for name, m in REGISTRY.items() if m.after_step is not None)  # Delta-LoRA
+    writes_base = next(name for name, m in REGISTRY.items() if m.writes_base)  # Delta-LoRA
     assert not precision.stores_frozen_linears_in_bf16(dataclasses.replace(cfg, method=writes_base), bf16, fp32)
 
 
 def test_the_loop_and_the_estimate_use_the_same_rule():
-    # One function, not two copies: what the loop and the memory estimate call is this one.
-    assert train.resolve_precision is precision.resolve_precision
-    assert memory.resolve_precision is precision.resolve_precision
+    # One decision, not two: the loop and the memory estimate read the Plan, neither decides itself.
+    assert not hasattr(loop, "resolve_precision") and not hasattr(memory, "resolve_precision")
+    cfg = TrainConfig(data="x", out="x", precision="bf16")
+    plan = precision.make_plan(cfg, "cpu")
+    assert (plan.autocast_dtype, plan.base_dtype) == precision.resolve_precision(cfg.resolved(), torch.device("cpu"))
+    assert plan.frozen_linears_bf16 and plan.precision == "bfloat16"
+
+
+def test_a_plan_is_made_once_and_frozen():
+    plan = precision.make_plan(TrainConfig(data="x", out="x", method="lora-plus", batch_size=8, grad_accum_steps=3), "cpu", world=2)
+    assert plan.method is REGISTRY["lora-plus"] and plan.cfg.lr_ratio == REGISTRY["lora-plus"].defaults["lr_ratio"]
+    assert plan.micro_batch == 2 and plan.eval_batch == 2  # ceil(8 / (3 * 2)); 8 // 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.world = 1  # type: ignore[misc]
+    with pytest.raises(ValueError, match="lr_ratio"):
+        precision.make_plan(TrainConfig(data="x", out="x", method="lora", lr_ratio=4.0), "cpu")

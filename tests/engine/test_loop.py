@@ -10,14 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lora_studio.train as train_mod
-from lora_studio.checkpoint import latest_checkpoint, list_checkpoints
+import lora_studio.engine.run as run_mod
+from lora_studio.engine.checkpoint import latest_checkpoint, list_checkpoints
 from lora_studio.config import TrainConfig
 from lora_studio.data import collate
 from lora_studio.runfiles import read_metrics, read_status, request_stop
-from lora_studio.train import DistEnv, causal_lm_loss, shard_batch, train
+from lora_studio.engine.loop import Trainer, enable_gradient_checkpointing, prepare
+from lora_studio.engine.loss import causal_lm_loss
+from lora_studio.engine.plan import make_plan
+from lora_studio.engine.run import train
 from tests.conftest import format_rows, write_jsonl
-from tests.test_memory import measured_saved_bytes
+from tests.engine.test_memory import measured_saved_bytes
 
 
 def make_cfg(out, model_dir, data, **kw) -> TrainConfig:
@@ -156,10 +159,10 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_llama_dir, train_fi
     cfg = make_cfg("unused", tiny_llama_dir, train_file)
 
     def saved_bytes(checkpointing: bool) -> int:
-        parts = train_mod.prepare(cfg.resolved(), torch.device("cpu"))
+        parts = prepare(make_plan(cfg, "cpu"))
         model = parts["model"]
         if checkpointing:
-            train_mod.enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         model.train()
         return measured_saved_bytes(model, collate(parts["examples"][:4], parts["tokenizer"].pad_token_id))
 
@@ -168,14 +171,14 @@ def test_gradient_checkpointing_keeps_fewer_activations(tiny_llama_dir, train_fi
 
 def _seven_val_examples(monkeypatch) -> None:
     """Make every run hold out its first 7 training examples as validation data."""
-    real_prepare = train_mod.prepare
+    real_prepare = run_mod.prepare
 
-    def with_validation(cfg, device=None):
-        parts = real_prepare(cfg, device)
+    def with_validation(plan):
+        parts = real_prepare(plan)
         parts["val_examples"] = parts["examples"][:7]
         return parts
 
-    monkeypatch.setattr(train_mod, "prepare", with_validation)
+    monkeypatch.setattr(run_mod, "prepare", with_validation)
 
 
 def _fp32_eval_oracle(run_dir, model_dir) -> float:
@@ -183,7 +186,7 @@ def _fp32_eval_oracle(run_dir, model_dir) -> float:
     from lora_studio.adapters import load_adapter
     from lora_studio.models import load_model
 
-    parts = train_mod.prepare(TrainConfig.load(run_dir / "config.json"), torch.device("cpu"))
+    parts = run_mod.prepare(make_plan(TrainConfig.load(run_dir / "config.json"), "cpu"))  # patched: 7 val examples
     model = load_model(model_dir)
     load_adapter(model, run_dir / "adapter")
     total = count = 0
@@ -228,7 +231,7 @@ def test_out_of_memory_fails_with_advice(tiny_llama_dir, train_file, tmp_path, m
     def oom(self, ids):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(train_mod._Loop, "step", oom)
+    monkeypatch.setattr(Trainer, "step", oom)
     status = train(make_cfg(tmp_path, tiny_llama_dir, train_file, max_steps=2))
     assert status["state"] == "failed"
     for advice in ("batch size", "max sequence length", "gradient checkpointing", "4-bit"):
@@ -250,18 +253,6 @@ def test_fp16_on_cpu_is_refused_with_a_reason(tiny_llama_dir, train_file, tmp_pa
         pytest.skip("this machine has a GPU: fp16 is allowed")
     status = train(make_cfg(tmp_path, tiny_llama_dir, train_file, precision="fp16", max_steps=1))
     assert status["state"] == "failed" and "needs a GPU" in status["error"]
-
-
-def test_shards_cover_the_batch_once():
-    ids = list(range(11))
-    for world in (1, 2, 3):
-        for accum in (1, 2, 4):
-            seen = []
-            for rank in range(world):
-                chunks = shard_batch(ids, DistEnv(rank, world), accum)
-                assert all(chunks) and len(chunks) <= accum
-                seen += [i for c in chunks for i in c]
-            assert sorted(seen) == ids
 
 
 @pytest.mark.gpu

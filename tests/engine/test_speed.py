@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_studio import speed
-from lora_studio import train as train_mod
+from lora_studio.engine import speed
+from lora_studio.engine.loop import prepare
+from lora_studio.engine.plan import make_plan
 from lora_studio.config import TrainConfig
 from lora_studio.data import IGNORE_INDEX
-from lora_studio.methods import get_method, inject_adapters, trainable_parameters
+from lora_studio.methods import REGISTRY, get_method, inject_adapters, trainable_parameters
 from lora_studio.models import load_model
-from lora_studio.train import causal_lm_loss
+from lora_studio.engine.loss import causal_lm_loss
 from tests.helpers import perturb
 
 
@@ -222,13 +223,14 @@ def test_bf16_storage_equals_autocast_over_fp32_weights(tiny_llama_dir):
 def test_prepare_stores_bf16_linears_only_where_that_changes_nothing(tiny_llama_dir, train_file, tmp_path):
     def linear_dtypes(**overrides):
         cfg = TrainConfig(data=str(train_file), out=str(tmp_path), model=tiny_llama_dir, rank=4, **overrides).resolved()
-        model = train_mod.prepare(cfg, torch.device("cpu"))["model"]
+        model = prepare(make_plan(cfg, "cpu"))["model"]
         return {p.dtype for name, p in model.named_parameters() if name.endswith("base.weight")}
 
     assert linear_dtypes(precision="bf16") == {torch.bfloat16}
     assert linear_dtypes(precision="fp32") == {torch.float32}
     assert linear_dtypes(precision="bf16", merge=True) == {torch.float32}  # the merge needs the exact base
-    assert linear_dtypes(precision="bf16", method="delta-lora") == {torch.float32}  # it writes W0
+    writes_base = next(name for name, m in REGISTRY.items() if m.writes_base)  # Delta-LoRA
+    assert linear_dtypes(precision="bf16", method=writes_base) == {torch.float32}  # it writes W0
 
 
 def test_rows_longer_than_a_sliding_window_are_not_packed(tiny_llama_dir, monkeypatch):

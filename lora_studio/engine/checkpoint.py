@@ -43,7 +43,7 @@ KEEP = 2
 def checkpoint_tensors(model: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     """The model tensors that training changes: what a resume must restore."""
     tensors = dict(trainable_parameters(model))
-    if method.after_step is not None:  # the rule may write the frozen base weight
+    if method.writes_base:  # e.g. an after-step rule that writes the frozen base weight
         for name, layer in adapter_layers(model).items():
             tensors[f"{name}.base.weight"] = layer.base.weight
     return tensors
