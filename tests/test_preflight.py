@@ -6,6 +6,7 @@ import pytest
 
 from lora_studio.config import TrainConfig
 from lora_studio.data import Example, held_out_count, split_examples
+from lora_studio.methods import REGISTRY
 from lora_studio.preflight import check_batch, preflight
 
 
@@ -53,3 +54,12 @@ def test_check_batch_alone():
     check_batch(4, 4)
     with pytest.raises(ValueError, match=r"batch_size \(5\) is larger than the data \(4 training examples\)"):
         check_batch(5, 4)
+
+
+@pytest.mark.parametrize("method", list(REGISTRY))
+def test_every_method_passes_the_preflight_with_its_defaults(tiny_llama_dir, method):
+    # What the Train tab and `python -m lora_studio train` run before any run: the estimate builds
+    # the model and its adapter on the meta device, where a method's code must not fail.
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(data="x", out="x", model=tiny_llama_dir, method=method, batch_size=2, precision=precision)
+        assert preflight(cfg, rows=24, max_tokens=32, memory_mb=1e9).total_mb > 0

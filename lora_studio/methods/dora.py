@@ -22,6 +22,8 @@ docs/methods_table.md), dropout 0, all linear layers.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 import torch
@@ -51,7 +53,9 @@ class DoRALinear(LoRALinear):
     def weight_norm(self) -> torch.Tensor:
         """‖W0 + s·B A‖ per output row, (d_out,), outside the graph, in fp32 even under autocast:
         bf16's 8-bit mantissa would put a ~2e-3 relative error on the scale of every output row."""
-        with torch.autocast(self.lora_A.device.type, enabled=False):
+        device = self.lora_A.device.type
+        # (the memory estimate builds the model on `meta`, where autocast does not exist)
+        with torch.autocast(device, enabled=False) if device != "meta" else contextlib.nullcontext():
             return torch.linalg.norm(self.base_w() + self.delta_weight(), dim=1)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
