@@ -264,10 +264,10 @@ def test_modelfile_carries_the_runs_settings(tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+@pytest.mark.parametrize("quant", ["f16"])  # q8_0's agreement is checked on the tiny models (a minute less here)
 def test_bundled_model_round_trips(quant, tmp_path, capsys):
     """SmolLM2-135M-Instruct (the bundled model): the f16 file answers exactly as the model at f16
-    precision, q8_0 closely (agreement printed). Most of the time is transformers dequantizing."""
+    precision. Most of the time is transformers dequantizing."""
     from lora_studio.models import BUNDLED_HUB_ID, load_model, load_tokenizer
 
     model, tok = load_model("bundled"), load_tokenizer("bundled")
