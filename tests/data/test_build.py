@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_studio.cli import _train_parser, config_from_args, main
+from lora_studio.cli import main
+from lora_studio.cli_flags import _train_parser, config_from_args
 from lora_studio.config import TrainConfig
 from lora_studio.data import DataError, build_datasets
 from tests.conftest import format_rows
