@@ -77,7 +77,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (pays on long GPU runs only)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each decoder layer (one compile for all layers; kernels cached on disk)")
     p.add_argument("--probe", action="append", default=[], metavar="TEXT", help="a prompt answered at each evaluation (repeatable)")
     p.add_argument("--probes", dest="probes_file", metavar="FILE", help="probe prompts: JSONL with a prompt field, or one per line")
     p.add_argument("--probe-max-new-tokens", type=int, dest="probe_max_new_tokens")

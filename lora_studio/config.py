@@ -89,8 +89,10 @@ class TrainConfig:
     `fp16` (GPU only). With bf16 the frozen base is stored in bf16 (on a CPU only the linear
     weights: the same products as autocast over fp32 weights); adapter weights stay fp32."""
     compile: bool = False
-    """torch.compile the model body. Compiling takes minutes on a few CPU cores, more than it
-    saves on short jobs; worth trying for long runs on a GPU."""
+    """torch.compile each decoder layer (regional: one compiled code shared by every layer, so it
+    compiles in tens of seconds, not minutes, and again only for the first layer's variant).
+    Kernels are cached on disk under the model cache (`LORA_STUDIO_CACHE`/inductor): the next run
+    on the same model starts warm. The status shows the seconds spent as `compile_s`."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N
     optimizer steps; 0 saves only when the run stops or ends."""

@@ -95,7 +95,7 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     neither the 2D mask nor a cache, so transformers builds the block-diagonal mask."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 @torch.no_grad()

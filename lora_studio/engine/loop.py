@@ -50,7 +50,7 @@ from lora_studio.engine.loss import _SummedLoss, causal_lm_loss, count_targets
 from lora_studio.engine.memory import memory_stats
 from lora_studio.engine.optim import linear_schedule, plan_steps
 from lora_studio.engine.plan import Plan
-from lora_studio.engine.speed import store_frozen_linears
+from lora_studio.engine.speed import compile_regions, compile_seconds, store_frozen_linears
 from lora_studio.methods import inject_adapters, trainable_parameters
 from lora_studio.models import load_model, load_tokenizer
 from lora_studio.preflight import check_batch
@@ -79,8 +79,8 @@ def prepare(plan: Plan) -> dict[str, Any]:
     names = inject_adapters(model, plan.method, cfg)
     if plan.frozen_linears_bf16:
         store_frozen_linears(model, torch.bfloat16)
-    if cfg.compile:
-        model.base_model.compile(dynamic=True)  # in place: causal_lm_loss calls the body directly
+    if cfg.compile:  # each decoder layer in place, one compiled code for all (causal_lm_loss calls the body)
+        compile_regions(model)
     return {
         "model": model,
         "tokenizer": tokenizer,
@@ -208,6 +208,8 @@ class Trainer:
                     "progress": pos.step / self.total_steps,
                     **self._memory_per_rank(),
                 }
+                if cfg.compile:  # compiled lazily, in the first steps (and again for a new shape)
+                    row["compile_s"] = compile_seconds()
                 if (cfg.eval_every and pos.step % cfg.eval_every == 0) or pos.step == self.total_steps:
                     eval_loss = self.evaluate()
                     if eval_loss is not None:
@@ -259,7 +261,7 @@ class Trainer:
         with (self.run_dir / METRICS).open("a") as fh:  # the row goes first: a resume truncates rows past its checkpoint
             fh.write(json.dumps(row) + "\n")
         status = {"step": row["step"], "loss": row["loss"], "peak_rss_mb": row["peak_rss_mb"]}
-        for key in ("eval_loss", "cuda_peak_mb"):
+        for key in ("eval_loss", "cuda_peak_mb", "compile_s"):
             if key in row:
                 status[key] = row[key]
         self.report(**status)

@@ -245,7 +245,7 @@ def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                 ids, mask = input_ids[:2], attention_mask[:2]
                 plan = plan_packing(ids, mask.sum(1).tolist())
                 packed = _packed_forward(body, plan)[plan.index]  # (2, T, H)
-                plain = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (2, T, H)
+                plain = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (2, T, H)
                 real = mask.bool()
                 scale = plain[real].abs().max().clamp_min(1e-6)
                 error = ((packed[real] - plain[real]).abs().max() / scale).item()
@@ -284,7 +284,7 @@ def trained_hidden_states(
         if size and packing_pays(body, batch, width, size) and _packing_works(body, input_ids, attention_mask):
             nodes = plan.index[:, :-1][keep]  # (N,)
             return _packed_forward(body, plan)[nodes]  # (N, H)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     return hidden[:, :-1][keep]
 
 
@@ -361,6 +361,22 @@ def threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+_UPCAST_ORIGINAL: dict[str, Any] = {}
+
+
+def _upcast_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    # One module-level function, not a closure made per forward: a compiled layer guards on the
+    # attention function it traced, and a new function object every step would recompile it.
+    dtype = query.dtype
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):
+        out, weights = _UPCAST_ORIGINAL["sdpa"](module, query.float(), key.float(), value.float(), attention_mask,
+                                                *args, **kwargs)
+    return out.to(dtype), weights
+
+
 @contextlib.contextmanager
 def fp32_attention_on_cpu() -> Iterator[None]:
     """Under CPU bf16 autocast, run transformers' `sdpa` attention in fp32.
@@ -378,18 +394,44 @@ def fp32_attention_on_cpu() -> Iterator[None]:
 
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
     original = mapping["sdpa"]
-
-    def upcast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        dtype = query.dtype
-        if attention_mask is not None and attention_mask.is_floating_point():
-            attention_mask = attention_mask.float()
-        with torch.autocast("cpu", enabled=False):
-            out, weights = original(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
-        return out.to(dtype), weights
-
-    mapping["sdpa"] = upcast
+    if original is not _upcast_sdpa:  # (nested: already swapped)
+        _UPCAST_ORIGINAL["sdpa"] = original
+    mapping["sdpa"] = _upcast_sdpa
     try:
         yield
     finally:
         mapping["sdpa"] = original
+
+
+# ---------------------------------------------------------------- compilation
+
+
+def compile_regions(model: nn.Module, dynamic: bool | None = True) -> list[nn.Module]:
+    """`torch.compile` each decoder layer in place (regional compilation); returns the layers.
+
+    The layers are instances of one class with the same code: dynamo compiles the first one and
+    reuses that code for every other layer (their parameters are inputs, not constants), so
+    compilation costs one layer's worth (seconds) instead of the whole model's (minutes on a few
+    CPU cores). `dynamic=True`: the sequence length is symbolic, so packed batches of every
+    length share one graph instead of recompiling for each.
+    """
+    import os
+
+    from lora_studio.engine.fsdp import decoder_layers
+    from lora_studio.models import cache_dir
+
+    # Inductor's on-disk caches (FX graphs, AOT autograd, kernels) next to the converted models:
+    # a second run on the same model and settings starts warm (seconds instead of a minute here).
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    layers = decoder_layers(getattr(model, "base_model", model))
+    for layer in layers:
+        layer.compile(dynamic=dynamic)
+    return layers
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far (dynamo + inductor, forward and backward)."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    keys = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+    return round(sum(sum(compilation_time_metrics.get(k, [])) for k in keys), 1)
