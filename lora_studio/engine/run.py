@@ -171,6 +171,9 @@ def _train(
             if env.main:
                 save_outputs(trainer, best_step or step)
         fields["adapter"] = str(run_dir / "adapter")
+    # Ranks leave together, once rank 0 has written the adapter: a rank that tore its process group
+    # down while rank 0 was still writing ended in a SIGABRT at exit (seen once under FSDP on CPU).
+    dist.barrier(env)
     return status.finish(final, **fields)
 
 

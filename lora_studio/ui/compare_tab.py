@@ -230,20 +230,8 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
     def run_batch(run_id, path, which, temperature, top_p, max_tokens, request: gr.Request):
         run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
         settings = _settings(studio, temperature, top_p, max_tokens)
-        if which == "validation":
-            config = json.loads((run_dir / "config.json").read_text())
-            items = heldout_prompts(run_dir, studio.tokenizer(config.get("model", "bundled")))
-        elif path:
-            items = [{"prompt": p} for p in read_prompts(path)]
-        else:
-            raise ValueError("Upload a prompts file first (or answer the run's validation rows).")
-        cap = studio.settings.limits.batch_prompts
-        if cap and len(items) > cap:
-            raise ValueError(
-                f"{len(items)} prompts is over this server's limit of {cap} per batch (LORA_STUDIO_MAX_BATCH_PROMPTS)"
-            )
-        for item in items:
-            _check_prompt(studio, item["prompt"], "prompt")
+        items = _batch_items(studio, run_dir, which, path, lambda f: [{"prompt": p} for p in read_prompts(f)],
+                             "Upload a prompts file first (or answer the run's validation rows).")
         columns = ["prompt", *(["reference"] if "reference" in items[0] else []), "base", "tuned"]
         rows: list[dict[str, str]] = []
         for item in items:
@@ -266,20 +254,8 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
 
         run_dir = studio.run_dir(run_id, studio.caller(request), need_adapter=True)
         settings = _settings(studio, 0.0, 1.0, max_tokens)  # scores are of greedy replies
-        if which == "validation":
-            config = json.loads((run_dir / "config.json").read_text())
-            items = heldout_prompts(run_dir, studio.tokenizer(config.get("model", "bundled")))
-        elif path:
-            items = reference_rows(path)
-        else:
-            raise ValueError("Upload rows with reference replies first (or score the run's validation rows).")
-        cap = studio.settings.limits.batch_prompts
-        if cap and len(items) > cap:
-            raise ValueError(
-                f"{len(items)} prompts is over this server's limit of {cap} per batch (LORA_STUDIO_MAX_BATCH_PROMPTS)"
-            )
-        for item in items:
-            _check_prompt(studio, item["prompt"], "prompt")
+        items = _batch_items(studio, run_dir, which, path, reference_rows,
+                             "Upload rows with reference replies first (or score the run's validation rows).")
         with studio.chat.using(run_dir) as tm:
             scored = evaluate_model(tm, items, settings)
         s = summarize(scored)
@@ -302,3 +278,21 @@ def _batch(studio: Studio, run: gr.Dropdown, gen_inputs: list[gr.Slider]) -> Non
         concurrency_id="model",
         concurrency_limit=1,
     )
+
+
+def _batch_items(studio: Studio, run_dir: Path, which: str, path: str | None, read: Any, missing: str) -> list[dict[str, str]]:
+    """The rows a batch answers (the run's validation rows, or the uploaded file read by `read`),
+    held to the server's batch and prompt limits."""
+    if which == "validation":
+        config = json.loads((run_dir / "config.json").read_text())
+        items = heldout_prompts(run_dir, studio.tokenizer(config.get("model", "bundled")))
+    elif path:
+        items = read(path)
+    else:
+        raise ValueError(missing)
+    cap = studio.settings.limits.batch_prompts
+    if cap and len(items) > cap:
+        raise ValueError(f"{len(items)} prompts is over this server's limit of {cap} per batch (LORA_STUDIO_MAX_BATCH_PROMPTS)")
+    for item in items:
+        _check_prompt(studio, item["prompt"], "prompt")
+    return items
