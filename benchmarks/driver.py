@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.plot import loss_png, loss_svg
 from benchmarks.report import check_targets, markdown, methods_markdown, ratios
 from benchmarks.variants import BASELINES, DEFAULT_VARIANTS, PEFT_MISSING, VARIANTS, load_average, machine_info
+from lora_studio.plot import loss_png, loss_svg
 
 # ---------------------------------------------------------------- the driver
 
