@@ -68,9 +68,7 @@ class TunedModel:
 
     def messages_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
         """(1, T) prompt ids of a conversation, the run's system prompt put first."""
-        if self.system_prompt:
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = prompt_text(self.tokenizer, messages, self.system_prompt)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids.to(self.device)
 
@@ -87,19 +85,30 @@ class TunedModel:
 
     def generate_kwargs(self, ids: torch.Tensor, settings: GenerationSettings | None = None) -> dict[str, Any]:
         """Arguments of `generate` for these settings (default: the run's saved settings)."""
-        settings = settings or self.generation
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": settings.max_new_tokens,
-            "eos_token_id": self.tokenizer.eos_token_id,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "attention_mask": torch.ones_like(ids),
-        }
-        if settings.temperature > 0:
-            torch.manual_seed(settings.seed)
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return kwargs
+        return generation_kwargs(self.tokenizer, settings or self.generation, torch.ones_like(ids))
+
+
+def prompt_text(tokenizer: Any, messages: list[dict[str, str]], system_prompt: str | None = None) -> str:
+    """The chat-template text of a conversation ready for the reply, `system_prompt` put first."""
+    if system_prompt:
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def generation_kwargs(tokenizer: Any, settings: GenerationSettings, attention_mask: torch.Tensor) -> dict[str, Any]:
+    """Arguments of `generate`: greedy at temperature 0, else sampled with the settings' seed."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "attention_mask": attention_mask,
+    }
+    if settings.temperature > 0:
+        torch.manual_seed(settings.seed)
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kwargs
 
 
 def read_prompts(path: str | Path) -> list[str]:

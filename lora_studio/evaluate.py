@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_studio.compare import GenerationSettings, TunedModel
+from lora_studio.compare import GenerationSettings, TunedModel, generation_kwargs, prompt_text
 from lora_studio.data import DataError
 from lora_studio.methods import disable_adapter
 from lora_studio.runfiles import write_json_atomic
@@ -41,13 +41,6 @@ def reference_rows(source: str | Path, fmt: str | None = None, columns: dict[str
     return out
 
 
-def prompt_text(tokenizer: Any, prompt: str, system_prompt: str | None = None) -> str:
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 @torch.no_grad()
 def generate_replies(
     model: nn.Module, tokenizer: Any, prompts: list[str], settings: GenerationSettings,
@@ -56,7 +49,7 @@ def generate_replies(
     """Replies to `prompts` (in their order), `batch_size` at a time, greedy unless the settings
     sample. Batches are cut from the prompts sorted by length, so little padding is generated."""
     device = next(model.parameters()).device
-    texts = [prompt_text(tokenizer, p, system_prompt) for p in prompts]
+    texts = [prompt_text(tokenizer, [{"role": "user", "content": p}], system_prompt) for p in prompts]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     replies: list[str] = [""] * len(texts)
     side = tokenizer.padding_side
@@ -66,17 +59,7 @@ def generate_replies(
             chunk = order[start : start + batch_size]
             enc = tokenizer([texts[i] for i in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
             ids = enc["input_ids"].to(device)  # (B, T)
-            kwargs: dict[str, Any] = {
-                "attention_mask": enc["attention_mask"].to(device),
-                "max_new_tokens": settings.max_new_tokens,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-            }
-            if settings.temperature > 0:
-                torch.manual_seed(settings.seed)
-                kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs = generation_kwargs(tokenizer, settings, enc["attention_mask"].to(device))
             out = model.generate(ids, **kwargs)  # (B, T + new)
             for row, i in enumerate(chunk):
                 replies[i] = tokenizer.decode(out[row, ids.shape[1] :], skip_special_tokens=True).strip()
