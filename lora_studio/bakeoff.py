@@ -99,11 +99,12 @@ def load(out_dir: str | Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _try_lock(out_dir: Path) -> Iterator[bool]:
-    """True when this caller holds the bake-off (two app tabs ticking at once: one advances)."""
+def _lock(out_dir: Path, wait: bool = False) -> Iterator[bool]:
+    """True when this caller holds the bake-off (two app tabs ticking at once: one advances);
+    `wait`: block until it is free instead of answering False."""
     with open(out_dir / ".lock", "a") as fh:
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield False
             return
@@ -117,7 +118,7 @@ def advance(out_dir: str | Path, runner: Any, can_start: Any = None) -> dict[str
     """One notch of the series; returns `progress()`. `can_start()` (optional) may refuse to
     start the next run for now (a full queue): it is tried again on the next call."""
     out = Path(out_dir)
-    with _try_lock(out) as mine:
+    with _lock(out) as mine:
         if mine:
             spec = load(out)
             for method in spec["methods"]:
@@ -207,16 +208,12 @@ def progress(out_dir: str | Path, runner: Any) -> dict[str, Any]:
 def cancel(out_dir: str | Path, runner: Any) -> None:
     """Start no further method and stop the active run (it keeps its adapter and is scored)."""
     out = Path(out_dir)
-    with open(out / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # not while advance() is starting the next run
-        try:
-            spec = load(out)
-            spec["cancelled"] = True
-            rf.write_json_atomic(out / BAKEOFF_FILE, spec)
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with _lock(out, wait=True):  # not while advance() is starting the next run
+        spec = load(out)
+        spec["cancelled"] = True
+        rf.write_json_atomic(out / BAKEOFF_FILE, spec)
     for run_id in spec["runs"].values():
-        if _status(runner, run_id).get("state") in (rf.QUEUED, *rf.ACTIVE_STATES):
+        if _status(runner, run_id).get("state") in rf.WAITING_STATES:
             runner.stop(run_id, save=True)
 
 
