@@ -221,6 +221,47 @@ def test_bf16_storage_equals_autocast_over_fp32_weights(tiny_llama_dir):
     assert (loose - exact).abs().max() < 0.05 * exact.abs().max()
 
 
+def test_a_tied_table_is_stored_in_bf16_and_changes_only_the_embedding_rounding(tokenizer):
+    from tests.conftest import tiny_llama
+
+    cfg = TrainConfig(data="x", out="x", rank=4).resolved()
+    models = []
+    for _ in range(2):
+        model = tiny_llama(len(tokenizer))
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.get_input_embeddings().weight
+        torch.manual_seed(0)
+        inject_adapters(model, get_method("lora"), cfg)
+        perturb(model)
+        models.append(model)
+    reference, stored = models
+    table = reference.get_input_embeddings().weight
+    with torch.no_grad():  # the one numeric difference: the input rows come back bf16-rounded
+        table.copy_(table.to(torch.bfloat16).float())
+    n = speed.store_frozen_linears(stored)
+    assert n == 15  # 7 linears in each of 2 blocks, and the tied table
+    assert stored.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert stored.get_output_embeddings().weight is stored.get_input_embeddings().weight
+    ids = torch.randint(3, 300, (2, 12))
+    assert stored.get_input_embeddings()(ids).dtype == torch.float32  # the residual stream stays fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = reference(input_ids=ids).logits
+        got = stored(input_ids=ids).logits
+    assert torch.equal(got, want)
+    # The chunked loss's head products read the bf16 table as autocast would cast the fp32 one.
+    hidden = torch.randn(7, 32, requires_grad=True)
+    targets = torch.randint(0, len(tokenizer), (7,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = speed.linear_cross_entropy(hidden, reference.get_output_embeddings(), targets)
+        got = speed.linear_cross_entropy(hidden, stored.get_output_embeddings(), targets)
+    assert torch.equal(got, want)
+    with torch.no_grad():  # generation outside autocast: the guard hooks cast, close to fp32
+        loose = stored(input_ids=ids).logits
+        exact = reference(input_ids=ids).logits
+    assert loose.dtype == torch.float32
+    assert (loose - exact).abs().max() < 0.05 * exact.abs().max()
+
+
 def test_prepare_stores_bf16_linears_only_where_that_changes_nothing(tiny_llama_dir, train_file, tmp_path):
     def linear_dtypes(**overrides):
         cfg = TrainConfig(data=str(train_file), out=str(tmp_path), model=tiny_llama_dir, rank=4, **overrides).resolved()
