@@ -178,7 +178,7 @@ class Method:
         if self.build_optimizer is not None:
             return self.build_optimizer(model, cfg)
         params = list(trainable_parameters(model).values())
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return adamw(params, cfg)
 
     @property
     def option_names(self) -> list[str]:
@@ -335,6 +335,25 @@ def load_layer_states(model: nn.Module, tensors: dict[str, torch.Tensor], prefix
 def lora_pairs(model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter, float]]:
     """(A, B, scale s) of every LoRA-type adapter layer."""
     return [(m.lora_A, m.lora_B, m.scaling) for m in adapter_layers(model).values() if hasattr(m, "lora_B")]
+
+
+def fused_adamw_ok(params: Any) -> bool:
+    """Whether PyTorch's fused AdamW kernel can step these parameters (a list of tensors or of
+    param groups): plain floating-point tensors on CPU or CUDA; not FSDP's DTensors."""
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    tensors = [p for group in groups for p in group["params"]]
+    return bool(tensors) and all(
+        type(p) is nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors
+    )
+
+
+def adamw(params: Any, cfg: Any, cls: type[torch.optim.AdamW] = torch.optim.AdamW, **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW (`cls`: a subclass) over `params` at cfg.lr and cfg.weight_decay, fused into one
+    kernel over all tensors where it can be: PyTorch's default steps each of the ~400 adapter
+    tensors in its own loop of small operations (24 ms of a 0.7 s step on the bundled model on
+    2 CPU cores, against 7 ms fused). Same update, other rounding: ~1e-7 relative on the weights."""
+    fused = fused_adamw_ok(params) or None
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused, **kwargs)
 
 
 class AdjustedAdamW(torch.optim.AdamW):

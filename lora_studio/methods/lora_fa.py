@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_studio.methods.base import AdjustedAdamW, Method, lora_pairs, trainable_parameters
+from lora_studio.methods.base import AdjustedAdamW, Method, adamw, lora_pairs, trainable_parameters
 from lora_studio.methods.lora import LoRALinear
 
 RIDGE = 1e-8
@@ -115,8 +115,8 @@ class LoRAFAAdamW(AdjustedAdamW):
 def build_lora_fa_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     params = list(trainable_parameters(model).values())
     if not LORA_FA.option(cfg, "projected_gradient"):
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return LoRAFAAdamW(params, lora_pairs(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return adamw(params, cfg)
+    return adamw(params, cfg, LoRAFAAdamW, pairs=lora_pairs(model))
 
 
 LORA_FA = Method(

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_studio.methods.base import Method, adapter_layers, trainable_parameters
+from lora_studio.methods.base import Method, adamw, adapter_layers, trainable_parameters
 from lora_studio.methods.lora import build_lora
 
 
@@ -39,7 +39,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, lr_ratio: float) -> list[
 
 def build_loraplus_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     groups = loraplus_param_groups(model, cfg.lr, cfg.lr_ratio)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adamw(groups, cfg)
 
 
 LORA_PLUS = Method(

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_studio.methods.base import AdjustedAdamW, Method, lora_pairs, trainable_parameters
+from lora_studio.methods.base import AdjustedAdamW, Method, adamw, lora_pairs, trainable_parameters
 from lora_studio.methods.lora import build_lora
 
 RIDGE = 1e-8
@@ -92,7 +92,7 @@ class LoRAProAdamW(AdjustedAdamW):
 
 def build_lora_pro_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     params = list(trainable_parameters(model).values())
-    return LoRAProAdamW(params, lora_pairs(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return adamw(params, cfg, LoRAProAdamW, pairs=lora_pairs(model))
 
 
 LORA_PRO = Method(
