@@ -26,6 +26,46 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+class _LoRAProduct(torch.autograd.Function):
+    """y = x W0ᵀ + b + (x Aᵀ)(s B)ᵀ in one compute dtype, with a hand-written backward.
+
+    The same products as the module path (`lora_term` + `adapt`), fewer passes: x is cast once
+    for W0 and A (autocast casts it for each), the LoRA term is added inside the frozen
+    product's output buffer (addmm: no separate scale, add and rounding), and backward forms
+    d x = g W0 + (g s B) A in one buffer and casts it once. Saved for backward: x in the
+    compute dtype and z = x Aᵀ (r numbers per token), as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype):  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, d_in)
+            w, a = weight.to(dtype), lora_A.to(dtype)  # (d_out, d_in), (r, d_in)
+            sb = (lora_B * scaling).to(dtype)  # (d_out, r)
+            z = x2 @ a.T  # (N, r)
+            y = x2 @ w.T if bias is None else torch.addmm(bias.to(dtype), x2, w.T)  # (N, d_out)
+            y.addmm_(z, sb.T)
+        ctx.save_for_backward(x2, z, weight, a, sb)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.dtypes = scaling, x.shape, x.dtype, (lora_A.dtype, lora_B.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x2, z, weight, a, sb = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # (N, d_out)
+        needs = ctx.needs_input_grad
+        grad_x = grad_a = grad_b = None
+        with torch.autocast(g.device.type, enabled=False):
+            gz = g @ sb  # (N, r): d loss / d z
+            if needs[0]:
+                grad_x = (g @ weight.to(x2.dtype)).addmm_(gz, a).to(ctx.x_dtype).reshape(ctx.x_shape)
+            if needs[3]:
+                grad_a = (gz.T @ x2).to(ctx.dtypes[0])  # (r, d_in)
+            if needs[4]:
+                grad_b = (g.T @ z).to(ctx.dtypes[1]).mul_(ctx.scaling)  # (d_out, r)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
 class LoRALinear(AdapterLayer):
     """A frozen linear plus s·B·A·x."""
 
@@ -41,6 +81,29 @@ class LoRALinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         # No Dropout module at p=0: it would still be a call per layer, and keeps no mask.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._product_dtype(x)
+        if dtype is None:
+            return super().forward(x)
+        return _LoRAProduct.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, dtype)
+
+    def _product_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The compute dtype of the one-function path (`_LoRAProduct`), or None for the module
+        path: a subclass (which changes the term), dropout, a base that is not a plain float
+        nn.Linear (Conv1D, 4-bit) or one with trainable weights, a disabled adapter, or mixed dtypes
+        outside autocast."""
+        if type(self) is not LoRALinear or self.disabled or not isinstance(self.dropout, nn.Identity):
+            return None
+        weight = getattr(self.base, "weight", None)
+        if type(self.base) is not nn.Linear or weight is None or not weight.is_floating_point():
+            return None
+        if any(p.requires_grad for p in self.base.parameters()):  # the backward gives no base gradient
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        same = x.dtype == weight.dtype == self.lora_A.dtype == self.lora_B.dtype
+        return x.dtype if same else None
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A dropout(x): (..., d_in) -> (..., d_out), in the adapter's dtype."""

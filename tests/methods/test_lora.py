@@ -96,3 +96,69 @@ class _Holder(nn.Module):
     def __init__(self, lin: nn.Module) -> None:
         super().__init__()
         self.lin = lin
+
+
+def _grads(lora: LoRALinear, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    y = lora(x)
+    y.backward(g)
+    grads = [x.grad, lora.lora_A.grad, lora.lora_B.grad]
+    lora.zero_grad(set_to_none=True)
+    return [y.detach(), *grads]
+
+
+def _module_path(lora: LoRALinear, monkeypatch) -> None:
+    monkeypatch.setattr(LoRALinear, "_product_dtype", lambda self, x: None)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_function_path_gives_the_equations_gradients(bias, monkeypatch):
+    """`_LoRAProduct`'s hand-written backward against autograd through the equation, in float64:
+    d x = g W0 + s (g B) A, d A = s (g B)ᵀ x, d B = s gᵀ (x Aᵀ)."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=bias).double().requires_grad_(False)  # frozen, as inject_adapters leaves it
+    lora = LoRALinear(base, rank=4, alpha=12.0).double()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x, g = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
+    assert lora._product_dtype(x) == torch.float64  # the one-function path runs
+    fused = _grads(lora, x, g)
+    _module_path(lora, monkeypatch)
+    reference = _grads(lora, x, g)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert fused[1].abs().sum() > 0 and fused[2].abs().sum() > 0
+
+
+def test_one_function_path_under_bf16_autocast_matches_the_module_path(monkeypatch):
+    """Under bf16 autocast: bf16 output, fp32 gradients for the fp32 input and adapter, within
+    bf16 rounding of what autocast gives the module path (which rounds the term separately)."""
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(64, 48).requires_grad_(False), rank=8, alpha=16.0)
+    with torch.no_grad():
+        lora.lora_B.normal_(std=0.1)
+    x, g = torch.randn(2, 7, 64), torch.randn(2, 7, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lora._product_dtype(x) == torch.bfloat16
+        fused = _grads(lora, x, g)
+        _module_path(lora, monkeypatch)
+        reference = _grads(lora, x, g)
+    y, grad_x, grad_a, grad_b = fused
+    assert y.dtype == torch.bfloat16 and grad_x.dtype == grad_a.dtype == grad_b.dtype == torch.float32
+    for got, want in zip(fused, reference):
+        assert got.dtype == want.dtype
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+
+
+def test_one_function_path_is_skipped_where_it_would_change_the_method():
+    lora = LoRALinear(nn.Linear(12, 10).requires_grad_(False), rank=4, alpha=8.0, dropout=0.1)
+    assert lora._product_dtype(torch.randn(2, 12)) is None  # dropout: the module path draws the mask
+    plain = LoRALinear(nn.Linear(12, 10).requires_grad_(False), rank=4, alpha=8.0)
+    assert plain._product_dtype(torch.randn(2, 12)) == torch.float32
+    plain.base.bias.requires_grad_(True)
+    assert plain._product_dtype(torch.randn(2, 12)) is None  # a trainable base needs its gradient
+    plain.base.bias.requires_grad_(False)
+    assert plain._product_dtype(torch.randn(2, 12).double()) is None  # mixed dtypes outside autocast
+    plain.disabled = True
+    assert plain._product_dtype(torch.randn(2, 12)) is None
+    assert LoRALinear(Conv1D(10, 12), rank=4, alpha=8.0)._product_dtype(torch.randn(2, 12)) is None
