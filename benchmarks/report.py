@@ -7,11 +7,12 @@ import math
 import statistics
 from typing import Any
 
-TARGETS = {
+TARGETS = {  # issue 16's
     "time_vs_peft_fp32": 0.35,
-    "time_vs_peft_bf16": 0.7,
-    "memory_vs_peft_fp32": 0.8,
+    "time_vs_peft_bf16": 0.5,
+    "memory_vs_peft_fp32": 0.75,
     "eval_loss_rel_diff": 0.02,
+    "tokens_per_s": 1000.0,  # the moonshot: real (non-padding) tokens a second, ours
 }
 
 
@@ -44,12 +45,16 @@ def check_targets(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     if "ours" not in ok:
         return checks
     ours = ok["ours"]
+    value = ours.get("tokens_per_s")
+    if value is not None:
+        checks[f"tokens/s >= {TARGETS['tokens_per_s']:.0f} (ours)"] = {"value": value, "met": value >= TARGETS["tokens_per_s"]}
     if "peft-fp32" in ok:
         base = ok["peft-fp32"]
         value = ours["train_s"] / base["train_s"]
-        checks["time <= 0.35x peft fp32"] = {"value": value, "met": value <= TARGETS["time_vs_peft_fp32"]}
-        value = ours["peak_mb"] / base["peak_mb"]
-        checks["peak memory <= 0.8x peft fp32"] = {"value": value, "met": value <= TARGETS["memory_vs_peft_fp32"]}
+        limit = TARGETS["time_vs_peft_fp32"]
+        checks[f"time <= {limit}x peft fp32"] = {"value": value, "met": value <= limit}
+        value, limit = ours["peak_mb"] / base["peak_mb"], TARGETS["memory_vs_peft_fp32"]
+        checks[f"peak memory <= {limit}x peft fp32"] = {"value": value, "met": value <= limit}
         value = ours["eval_loss"] / base["eval_loss"] - 1
         checks["eval loss within 2% of peft fp32"] = {"value": value, "met": abs(value) <= TARGETS["eval_loss_rel_diff"]}
         # "Same accuracy": no more than one held-out token (or 1 point) apart.
@@ -57,8 +62,8 @@ def check_targets(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
         slack = max(0.01, 1.0 / max(1, base["eval_tokens"]))
         checks["same held-out token accuracy as peft fp32"] = {"value": value, "met": value >= -slack}
     if "peft-bf16" in ok:
-        value = ours["train_s"] / ok["peft-bf16"]["train_s"]
-        checks["time <= 0.7x peft bf16"] = {"value": value, "met": value <= TARGETS["time_vs_peft_bf16"]}
+        value, limit = ours["train_s"] / ok["peft-bf16"]["train_s"], TARGETS["time_vs_peft_bf16"]
+        checks[f"time <= {limit}x peft bf16"] = {"value": value, "met": value <= limit}
         if ours.get("precision") == "bfloat16":
             # bf16 autocast alone moves the eval loss by a few % (peft-bf16 against peft-fp32): where
             # ours ran in bf16 (`auto` on a CPU with fast bf16), also judge it against the same precision.
