@@ -175,7 +175,8 @@ class PackPlan:
     Node j sits at position `position_ids[j]` (its depth) and attends to its ancestors and
     itself (`mask`), which are exactly the tokens it would see in its own row; the products and
     gradients are those of the padded batch (the rows' contributions to a shared node add up),
-    without padding and without repeats.
+    without padding and without repeats. The sequence is rounded up to a multiple of
+    `PACK_MULTIPLE` with filler nodes that attend only to themselves and that no row uses.
     """
 
     input_ids: torch.Tensor  # (1, L)
@@ -185,8 +186,18 @@ class PackPlan:
     lengths: list[int]  # positions used per row
 
 
-def plan_packing(input_ids: torch.Tensor, lengths: list[int], share: bool = True) -> PackPlan:
-    """The prefix tree of the rows' first `lengths[i]` tokens (`share=False`: rows side by side)."""
+# Every new packed length L makes oneDNN build (~1 ms each) and cache new kernels for each
+# product shape, and almost every batch has a new L: over one epoch of the bench job that grew
+# the process by ~400 MiB and cost time. Rounded up to a multiple of 8 (~2 % more positions,
+# which cost nothing else: fillers see only themselves, and nothing reads them), the epoch
+# sees a handful of lengths: peak RSS 1830 -> 1630 MiB on the bundled model in bf16.
+PACK_MULTIPLE = 8
+
+
+def plan_packing(input_ids: torch.Tensor, lengths: list[int], share: bool = True,
+                 multiple: int = PACK_MULTIPLE) -> PackPlan:
+    """The prefix tree of the rows' first `lengths[i]` tokens (`share=False`: rows side by side),
+    with filler nodes up to a multiple of `multiple` positions."""
     batch, width = input_ids.shape
     rows = input_ids.tolist()
     nodes: dict[tuple, int] = {}  # (parent node, token) -> node
@@ -206,9 +217,15 @@ def plan_packing(input_ids: torch.Tensor, lengths: list[int], share: bool = True
             path.append(node)
             parent = node
         paths.append(path)
+    used = len(tokens)
+    fill = -used % multiple if used else 0
+    tokens += [tokens[-1]] * fill if used else []  # any real token id; depth 0; seen by no row
+    depth += [0] * fill
     size = len(tokens)
     device = input_ids.device
     mask = torch.zeros(size, size, dtype=torch.bool)
+    fillers = torch.arange(used, size)
+    mask[fillers, fillers] = True  # a filler attends to itself only (a row of no True would be NaN)
     index = torch.zeros(batch, width, dtype=torch.long)
     for row, path in enumerate(paths):
         if path:

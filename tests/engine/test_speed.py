@@ -60,7 +60,7 @@ def test_linear_cross_entropy_without_grad_and_with_a_trainable_head():
 
 def test_plan_packing_builds_the_prefix_tree_by_hand():
     ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9], [5, 4, 0, 0]])
-    plan = speed.plan_packing(ids, [3, 4, 2])
+    plan = speed.plan_packing(ids, [3, 4, 2], multiple=1)
     # Nodes: 5, 6, 7 (row 0); 8, 9 (row 1 after the shared 5 6); 4 (row 2 after 5).
     assert plan.input_ids.tolist() == [[5, 6, 7, 8, 9, 4]]
     assert plan.position_ids.tolist() == [[0, 1, 2, 2, 3, 1]]
@@ -74,8 +74,15 @@ def test_plan_packing_builds_the_prefix_tree_by_hand():
         [1, 1, 0, 1, 1, 0],
         [1, 0, 0, 0, 0, 1],
     ]
-    side_by_side = speed.plan_packing(ids, [3, 4, 2], share=False)
+    side_by_side = speed.plan_packing(ids, [3, 4, 2], share=False, multiple=1)
     assert side_by_side.input_ids.shape[1] == 9
+    # Rounded up to 8 positions: two fillers that see only themselves and that no row uses.
+    rounded = speed.plan_packing(ids, [3, 4, 2], multiple=8)
+    assert rounded.input_ids.shape[1] == 8 and rounded.position_ids[0, 6:].tolist() == [0, 0]
+    assert torch.equal(rounded.mask[0, 0, :6, :6], plan.mask[0, 0])
+    assert rounded.mask[0, 0, 6:].int().tolist() == [[0] * 6 + [1, 0], [0] * 7 + [1]]
+    assert not rounded.mask[0, 0, :6, 6:].any()
+    assert torch.equal(rounded.index, plan.index)
 
 
 def _lora_model(model_dir: str) -> nn.Module:
@@ -125,7 +132,8 @@ def test_packed_states_and_gradients_equal_the_padded_call(tiny_model_dir, monke
     # nothing), 14 and 16 positions. Tree: 9 shared, row 0's 9 more, row 1's 7 after 3 shared
     # with row 0, then 5 and 7.
     assert plan.lengths == [18, 19, 14, 16]
-    assert plan.input_ids.shape[1] == 9 + 9 + 7 + 5 + 7
+    assert plan.input_ids.shape[1] == 40  # 9 + 9 + 7 + 5 + 7 = 37 nodes and 3 fillers (a multiple of 8)
+    assert speed.PACK_MULTIPLE == 8
     assert torch.allclose(packed, plain, rtol=1e-9, atol=1e-10)
     for got, want in zip(packed_grads, plain_grads):
         # float64, though rotary angles are computed in float32 on both paths: 1e-7 of the
