@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_studio.data import IGNORE_INDEX, model_inputs
-from lora_studio.engine.speed import fp32_attention_on_cpu, linear_cross_entropy, trained_hidden_states
+from lora_studio.engine.speed import (
+    fp32_attention_on_cpu,
+    linear_cross_entropy,
+    packed_rows_hidden,
+    trained_hidden_states,
+)
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -36,7 +41,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
             loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
         else:
             if "position_ids" in inputs:
-                hidden = model.base_model(**inputs).last_hidden_state[:, :-1][keep]  # (N, H)
+                body = model.base_model  # samples packed in rows: segments on a GPU (speed.py)
+                hidden = packed_rows_hidden(body, inputs["input_ids"], inputs["position_ids"])[:, :-1][keep]  # (N, H)
             else:  # rows as a prefix tree: a prompt prefix they share runs once, no padding (speed.py)
                 hidden = trained_hidden_states(model.base_model, batch["input_ids"], batch["attention_mask"], keep)
             # LM head and cross-entropy in chunks: never all (N, V) logits in fp32 at once.

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora_studio.engine import varlen
 from lora_studio.methods import adapter_layers
 from lora_studio.methods.base import is_linear
 
@@ -181,7 +182,7 @@ class PackPlan:
 
     input_ids: torch.Tensor  # (1, L)
     position_ids: torch.Tensor  # (1, L)
-    mask: torch.Tensor  # (1, 1, L, L) bool, True = may attend
+    mask: torch.Tensor | None  # (1, 1, L, L) bool, True = may attend; None: rows as segments (varlen)
     index: torch.Tensor  # (B, T): node of (row, t); 0 past the row's used length
     lengths: list[int]  # positions used per row
 
@@ -241,6 +242,18 @@ def plan_packing(input_ids: torch.Tensor, lengths: list[int], share: bool = True
     )
 
 
+def plan_rows(input_ids: torch.Tensor, lengths: list[int]) -> PackPlan:
+    """The rows' first `lengths[i]` tokens one after the other, no mask and no sharing: for the
+    segment kernel (`varlen.py`), which reads the rows' bounds from the restarting positions."""
+    batch, width = input_ids.shape
+    device = input_ids.device
+    used = torch.arange(width, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # (B, T)
+    positions = torch.arange(width, device=device).expand(batch, width)
+    index = torch.zeros(batch, width, dtype=torch.long, device=device)
+    index[used] = torch.arange(int(used.sum()), device=device)
+    return PackPlan(input_ids[used][None], positions[used][None], None, index, list(lengths))
+
+
 def packing_pays(body: nn.Module, batch: int, width: int, packed: int) -> bool:
     """Packing trades the padded batch's B·T token-positions through the linear layers for the
     tree's L, at the price of one dense L × L attention instead of B blocks of T × T."""
@@ -268,6 +281,8 @@ def _drops_out(body: nn.Module) -> bool:
 
 
 def _packed_forward(body: nn.Module, plan: PackPlan) -> torch.Tensor:
+    if plan.mask is None:
+        return varlen.forward(body, plan.input_ids, plan.position_ids)  # (L, H)
     out = body(input_ids=plan.input_ids, attention_mask=plan.mask, position_ids=plan.position_ids, use_cache=False)
     return out.last_hidden_state[0]  # (L, H)
 
@@ -283,17 +298,22 @@ def _probe_tolerance(body: nn.Module, device_type: str) -> float:
     return 1e-3
 
 
-def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> bool:
-    """Once per model: does the packed layout give the padded call's states? (An architecture
-    that ignores position_ids or derives a position bias from a 2D mask would not.)"""
-    verdict = getattr(body, "_lora_studio_packing_ok", None)
+def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   segments: bool = False) -> bool:
+    """Once per model and layout (prefix tree, or `segments` for the varlen kernel): does the
+    packed layout give the padded call's states? (An architecture that ignores position_ids,
+    derives a position bias from a 2D mask, or does not pass keyword arguments down to its
+    attention would not.)"""
+    attribute = "_lora_studio_varlen_ok" if segments else "_lora_studio_packing_ok"
+    verdict = getattr(body, attribute, None)
     if verdict is None:
         was_training = body.training
         body.eval()
         try:
             with torch.no_grad():
                 ids, mask = input_ids[:2], attention_mask[:2]
-                plan = plan_packing(ids, mask.sum(1).tolist())
+                layout = plan_rows if segments else plan_packing
+                plan = layout(ids, mask.sum(1).tolist())
                 packed = _packed_forward(body, plan)[plan.index]  # (2, T, H)
                 plain = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (2, T, H)
                 real = mask.bool()
@@ -304,7 +324,7 @@ def _packing_works(body: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             verdict = False
         finally:
             body.train(was_training)
-        body._lora_studio_packing_ok = verdict
+        setattr(body, attribute, verdict)
     return verdict
 
 
@@ -318,7 +338,9 @@ def trained_hidden_states(
     newline a chat template ends a turn with, feed nothing that is trained), packed as a prefix
     tree (see PackPlan) when that is cheaper than the padded call. Falls back to the plain call
     for a batch of one, under gradient checkpointing, for rows longer than a sliding attention
-    window, or on a model the packed layout does not reproduce.
+    window, or on a model the packed layout does not reproduce. On a GPU that runs the
+    variable-length attention kernel (`varlen.usable`), the rows go side by side as segments
+    instead: no dense mask, no padding, no shared prefixes.
     """
     batch, width = input_ids.shape
     # A custom mask replaces the model's own, so a sliding window would not be applied: pack
@@ -329,13 +351,29 @@ def trained_hidden_states(
         positions = torch.arange(keep.shape[1], device=keep.device)  # (T-1,)
         last = torch.where(keep, positions, -1).max(1).values  # (B,) last kept position per row
         lengths = torch.minimum(last + 1, attention_mask.sum(1)).tolist()
-        plan = plan_packing(input_ids, lengths, share=not _drops_out(body))
+        drops = _drops_out(body)
+        if not drops and varlen.usable(body, input_ids.device) and _packing_works(body, input_ids, attention_mask, True):
+            plan = plan_rows(input_ids, lengths)
+            return _packed_forward(body, plan)[plan.index[:, :-1][keep]]  # (N, H)
+        plan = plan_packing(input_ids, lengths, share=not drops)
         size = plan.input_ids.shape[1]
         if size and packing_pays(body, batch, width, size) and _packing_works(body, input_ids, attention_mask):
             nodes = plan.index[:, :-1][keep]  # (N,)
             return _packed_forward(body, plan)[nodes]  # (N, H)
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
     return hidden[:, :-1][keep]
+
+
+def packed_rows_hidden(body: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (B, T, H) of rows that each hold several samples one after the other
+    (`packing: true`; positions restart at every sample). On a GPU with the segment kernel
+    (`varlen.usable`) all rows run as one sequence of segments; else transformers builds its
+    block-diagonal mask from the positions."""
+    if varlen.usable(body, input_ids.device) and not _drops_out(body):
+        batch, width = input_ids.shape
+        hidden = varlen.forward(body, input_ids.reshape(1, -1), position_ids.reshape(1, -1))  # (B·T, H)
+        return hidden.view(batch, width, -1)
+    return body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
 
 
 # ---------------------------------------------------------------- the loss
