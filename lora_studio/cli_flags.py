@@ -77,7 +77,11 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum-steps", type=int, dest="grad_accum_steps", help="micro-batches per optimizer step")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, dest="gradient_checkpointing")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile each decoder layer (one compile for all layers; kernels cached on disk)")
+    p.add_argument(
+        "--compile", nargs="?", const=True, default=None, type=_compile_choice, metavar="auto|off",
+        help="torch.compile each decoder layer (one compile for all layers; kernels cached on disk); "
+        "default auto: only where the run is predicted to win back the compile time",
+    )  # fmt: skip
     p.add_argument("--probe", action="append", default=[], metavar="TEXT", help="a prompt answered at each evaluation (repeatable)")
     p.add_argument("--probes", dest="probes_file", metavar="FILE", help="probe prompts: JSONL with a prompt field, or one per line")
     p.add_argument("--probe-max-new-tokens", type=int, dest="probe_max_new_tokens")
@@ -235,3 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
                 _export_parser, _push_parser):  # fmt: skip
         add(sub)
     return parser
+
+
+def _compile_choice(text: str) -> bool | str:
+    """--compile (on), --compile auto, --compile off."""
+    value = {"on": True, "true": True, "auto": "auto", "off": False, "false": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected on, auto or off (got {text!r})")
+    return value

@@ -88,11 +88,14 @@ class TrainConfig:
     bf16 products measure faster than fp32 ones (AMX, AMD Zen 4), else fp32. `fp32`, `bf16` or
     `fp16` (GPU only). With bf16 the frozen base is stored in bf16 (on a CPU only the linear
     weights: the same products as autocast over fp32 weights); adapter weights stay fp32."""
-    compile: bool = False
+    compile: bool | str = "auto"
     """torch.compile each decoder layer (regional: one compiled code shared by every layer, so it
     compiles in tens of seconds, not minutes, and again only for the first layer's variant).
     Kernels are cached on disk under the model cache (`LORA_STUDIO_CACHE`/inductor): the next run
-    on the same model starts warm. The status shows the seconds spent as `compile_s`."""
+    on the same model starts warm. The status shows the seconds spent as `compile_s`. `auto`:
+    the first steps run eagerly and are timed, then the layers are compiled only if the steps
+    left are predicted to win back the compile time (`engine/autocompile.py`; the status's
+    `compile` says what it decided and why). `true`: from the first step; `false`: never."""
     checkpoint_every: int = 50
     """Save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) every N
     optimizer steps; 0 saves only when the run stops or ends."""
@@ -212,6 +215,8 @@ class TrainConfig:
             )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16 (got {self.precision!r})")
+        if self.compile not in (True, False, "auto"):
+            problems.append(f"compile must be true, false or auto (got {self.compile!r})")
         if self.strategy not in ("auto", "ddp", "fsdp"):
             problems.append(f"strategy must be auto, ddp or fsdp (got {self.strategy!r})")
         if self.checkpoint_every < 0:

@@ -160,7 +160,7 @@ def fsdp_refusal(method: Any, cfg: Any) -> str | None:
         return "--merge needs the whole base on one process; with --strategy fsdp save the adapter and merge it with `export`"
     if getattr(cfg, "precision", None) == "fp16":
         return "fp16 needs a gradient scaler that FSDP2's sharded gradients do not support here; use --precision bf16"
-    if getattr(cfg, "compile", False):
+    if getattr(cfg, "compile", False) is True:  # (`auto` stays eager on several processes)
         return "--compile is not wired for sharded models yet; drop --compile"
     if getattr(cfg, "probes", None) or getattr(cfg, "early_stop", 0):
         # rank 0 generates alone, and a sharded forward needs every rank's all-gather

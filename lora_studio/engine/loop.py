@@ -46,6 +46,7 @@ from lora_studio.engine.checkpoint import (
     tmp_dir,
     write_rank_rng,
 )
+from lora_studio.engine.autocompile import AutoCompile
 from lora_studio.engine.loss import _SummedLoss, causal_lm_loss, count_targets
 from lora_studio.engine.memory import memory_stats
 from lora_studio.engine.optim import linear_schedule, plan_steps
@@ -79,8 +80,8 @@ def prepare(plan: Plan) -> dict[str, Any]:
     names = inject_adapters(model, plan.method, cfg)
     if plan.frozen_linears_bf16:
         store_frozen_linears(model, torch.bfloat16)
-    if cfg.compile:  # each decoder layer in place, one compiled code for all (causal_lm_loss calls the body)
-        compile_regions(model)
+    if cfg.compile is True:  # each decoder layer in place, one compiled code for all (causal_lm_loss calls the body)
+        compile_regions(model)  # (`auto` decides after the first steps: Trainer.auto_compile)
     return {
         "model": model,
         "tokenizer": tokenizer,
@@ -163,6 +164,7 @@ class Trainer:
         self.last_checkpoint = -1
         self.watch: EvalWatch | None = None  # probes and early stopping (rank 0), made by fit()
         self.early_stop_step: int | None = None
+        self.auto_compile = AutoCompile(cfg, self.model, self.device, env.world, compile_regions, compile_seconds)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -193,7 +195,17 @@ class Trainer:
                 if action is not None:
                     return self._leave(rf.STOPPED if action == "stop" else rf.ABORTED)
                 t0 = time.perf_counter()
-                numbers = self.step(batches[pos.batch_in_epoch])
+                compile_note = None
+                try:
+                    numbers = self.step(batches[pos.batch_in_epoch])
+                except TrainingDiverged:
+                    raise
+                except Exception as e:  # noqa: BLE001 - only the step that compiles is retried, eagerly
+                    if not self.auto_compile.untried:
+                        raise
+                    compile_note = self.auto_compile.fall_back(e)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    numbers = self.step(batches[pos.batch_in_epoch])
                 pos.batch_in_epoch += 1
                 pos.step += 1
                 now = time.perf_counter()
@@ -208,7 +220,11 @@ class Trainer:
                     "progress": pos.step / self.total_steps,
                     **self._memory_per_rank(),
                 }
-                if cfg.compile:  # compiled lazily, in the first steps (and again for a new shape)
+                compiled = cfg.compile is True or self.auto_compile.active  # this step ran compiled layers
+                compile_note = self.auto_compile.after_step(now - t0, self.total_steps - pos.step) or compile_note
+                if compile_note:
+                    row["compile"] = compile_note
+                if compiled:  # compiled lazily, in the first steps
                     row["compile_s"] = compile_seconds()
                 if (cfg.eval_every and pos.step % cfg.eval_every == 0) or pos.step == self.total_steps:
                     eval_loss = self.evaluate()
@@ -261,7 +277,7 @@ class Trainer:
         with (self.run_dir / METRICS).open("a") as fh:  # the row goes first: a resume truncates rows past its checkpoint
             fh.write(json.dumps(row) + "\n")
         status = {"step": row["step"], "loss": row["loss"], "peak_rss_mb": row["peak_rss_mb"]}
-        for key in ("eval_loss", "cuda_peak_mb", "compile_s"):
+        for key in ("eval_loss", "cuda_peak_mb", "compile_s", "compile"):
             if key in row:
                 status[key] = row[key]
         self.report(**status)

@@ -155,7 +155,10 @@ def status_markdown(run_id: str | None, status: dict[str, Any], run_path: str | 
         )
         world = status.get("world_size") or 1
         ranks = f" on {world} processes ({str(status.get('strategy', 'ddp')).upper()})" if world > 1 else ""
-        return f"**{run_id}: training**{ranks}, step {step}{of_total}{loss}.{note}"
+        compiled = f" Compile: {status['compile']}" if status.get("compile") else ""
+        if _num(status.get("compile_s")):
+            compiled += f" ({status['compile_s']:.0f} s compiling so far)."
+        return f"**{run_id}: training**{ranks}, step {step}{of_total}{loss}.{note}{compiled}"
     if state == rf.DONE:
         if status.get("stop_reason"):  # early stopping: why, at which step, and which step's adapter was kept
             return (f"**{run_id}: stopped early**: {status['stop_reason']}. Chat with it in **Compare**, "

@@ -55,6 +55,8 @@ def test_every_state_is_said_plainly():
         "r", {"state": "running", "step": 3, "total_steps": 10, "loss": 0.5}
     )
     assert "Stop requested" in charts.status_markdown("r", {"state": "running", "stopping": "stop"})
+    compiling = charts.status_markdown("r", {"state": "running", "step": 6, "compile": "auto: compiling (…)", "compile_s": 17.2})
+    assert "Compile: auto: compiling (…) (17 s compiling so far)." in compiling
     done = charts.status_markdown("r", {"state": "done", "step": 10}, "/runs/r")
     assert "finished** after 10 steps" in done and "`/runs/r`" in done and "Compare" in done
     assert "resume the run" in charts.status_markdown("r", {"state": "stopped", "step": 4})
