@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import check_targets, markdown, methods_markdown, ratios
-from benchmarks.variants import BASELINES, DEFAULT_VARIANTS, PEFT_MISSING, VARIANTS, load_average, machine_info
+from benchmarks.variants import (
+    BASELINES,
+    DEFAULT_VARIANTS,
+    PEFT_MISSING,
+    PEFT_VARIANTS,
+    VARIANTS,
+    load_average,
+    machine_info,
+)
 from lora_studio.plot import loss_png, loss_svg
 
 # ---------------------------------------------------------------- the driver
@@ -148,7 +156,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
-    if any(v in BASELINES for v in variants):
+    if any(v in PEFT_VARIANTS for v in variants):
         import importlib.util
 
         if importlib.util.find_spec("peft") is None:
@@ -172,6 +180,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     ok = {k: v for k, v in results.items() if "error" not in v}
     if "ours" in ok:
         report["ratios"] = {b: ratios(ok["ours"], ok[b]) for b in BASELINES if b in ok}
+    if "ours-qlora" in ok and "peft-qlora" in ok:  # each over its own 4-bit base
+        report.setdefault("ratios", {})["ours-qlora / peft-qlora"] = ratios(ok["ours-qlora"], ok["peft-qlora"])
     report["targets"] = check_targets(results)
     _write_outputs(out, report, markdown(report), "train loss vs wall time")
     return report

@@ -116,7 +116,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "| eval loss | token acc (diff) |", "|---|---|---|---|---|---|---|"]
         for base, r in report["ratios"].items():
             lines.append(
-                f"| ours / {base} | {_fmt(r['time'], '.2f')}x "
+                f"| {base if '/' in base else 'ours / ' + base} | {_fmt(r['time'], '.2f')}x "
                 f"| {_fmt(r['time_paired_median'], '.2f') + 'x' if paired else '– (different batches)'} "
                 f"| {_fmt(r['tokens_per_s'], '.2f')}x "
                 f"| {_fmt(r['memory'], '.2f')}x | {_fmt(r['eval_loss'], '.3f')}x | {_fmt(r['eval_token_acc_diff'], '+.3f')} |"

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 BASELINES = ("peft-fp32", "peft-bf16")
-VARIANTS = ("ours", "ours-fp32") + BASELINES
+# QLoRA, each engine over a 4-bit (NF4) base: ours (`quantize: 4bit`) against peft + bitsandbytes'
+# usual recipe (prepare_model_for_kbit_training). Not in the default set: meant for a GPU.
+QLORA = ("ours-qlora", "peft-qlora")
+PEFT_VARIANTS = BASELINES + ("peft-qlora",)
+VARIANTS = ("ours", "ours-fp32") + BASELINES + QLORA
 DEFAULT_VARIANTS = ("ours",) + BASELINES
 PEFT_MISSING = (
     "the baseline needs peft, an optional extra: `pip install -r requirements-dev.txt` "
@@ -222,6 +226,8 @@ def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     fields = dict(spec["cfg"], data=spec["train_file"], out=str(out / "run"))
     if spec["variant"] == "ours-fp32":
         fields["precision"] = "fp32"
+    if spec["variant"] == "ours-qlora":
+        fields["quantize"] = "4bit"
     cfg = TrainConfig.from_dict(fields)
     t0 = time.perf_counter()
     status = train(cfg, on_step=turns.after_step, should_stop=turns.before_step)
@@ -261,12 +267,25 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     from lora_studio.engine.optim import plan_steps
 
     cfg = TrainConfig.from_dict(dict(spec["cfg"], data=spec["train_file"], out=str(out))).resolved()
-    bf16 = spec["variant"] == "peft-bf16"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    qlora = spec["variant"] == "peft-qlora"
+    # QLoRA computes in bf16 on a GPU (as ours does there), in fp32 on a CPU (as ours does there).
+    bf16 = spec["variant"] == "peft-bf16" or (qlora and device.type == "cuda")
     t0 = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     examples, _, _ = build_datasets(cfg, tokenizer)  # the rows and tokens our engine trains on
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32).to(device)
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        from lora_studio.methods.qlora import quantization_config
+
+        compute = torch.bfloat16 if bf16 else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(cfg.model), dtype=compute, quantization_config=quantization_config(compute),
+            device_map={"": device})  # fmt: skip
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model), dtype=torch.float32).to(device)
     target: Any = "all-linear" if cfg.target == "all-linear" else [t.strip() for t in cfg.target.split(",")]
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(
@@ -308,7 +327,7 @@ def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     turns.finished_training()
     result = _summary(turns.rows)
     result.update(total_s=total_s, peak_mb=peak, trainable_params=sum(p.numel() for p in params),
-                  precision="bfloat16" if bf16 else "float32")
+                  precision=("nf4 + " if qlora else "") + ("bfloat16" if bf16 else "float32"))
     held_out = held_out_examples(cfg, tokenizer, spec["eval_file"])
     result.update(evaluate(model, held_out, tokenizer.pad_token_id, cfg.batch_size, device))
     result["flops_per_token"] = model_flops_per_token(model)
@@ -347,7 +366,7 @@ def worker(spec_path: str) -> int:
     turns = Turns(spec.get("turn_fds"), spec["label"])
     load_before = load_average()
     try:
-        run = run_peft if spec["variant"] in BASELINES else run_ours
+        run = run_peft if spec["variant"] in PEFT_VARIANTS else run_ours
         result = run(spec, out, turns)
         if torch.cuda.is_available():
             result["mfu"] = mfu(result, torch.cuda.get_device_name(0))

@@ -124,3 +124,36 @@ def test_a_worker_that_dies_is_reported_without_waiting_for_the_timeout(tmp_path
     results = run_variants([spec], timeout=120.0)
     assert time.monotonic() - t0 < 60  # noticed the dead process, did not sit out the timeout
     assert "no result" in results["dead"]["error"] and "code 1" in results["dead"]["error"]
+
+
+def test_qlora_variants_each_train_over_a_4bit_base(tmp_path, tokenizer):
+    """ours-qlora (quantize: 4bit) against peft + bitsandbytes' recipe, for a GPU; here the
+    plumbing on the CPU backend of bitsandbytes (whose inference path needs rows of at least
+    one 64-number block: a tiny model 64 wide)."""
+    pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_studio.methods.qlora import bitsandbytes_problem
+
+    if bitsandbytes_problem():
+        pytest.skip(bitsandbytes_problem())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "rows.jsonl", format_rows(20))
+    out = tmp_path / "out"
+    code = main(["--model", str(model_dir), "--data", str(data), "--out", str(out), "--rank", "4",
+                 "--batch-size", "4", "--max-steps", "2", "--eval-fraction", "0.2",
+                 "--variants", "ours-qlora,peft-qlora", "--threads", "1"])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    for name in ("ours-qlora", "peft-qlora"):
+        assert "error" not in report["results"][name], report["results"][name].get("error")
+        assert report["results"][name]["steps"] == 2
+    assert report["results"]["peft-qlora"]["precision"].startswith("nf4 + ")
+    assert report["results"]["ours-qlora"]["trainable_params"] == report["results"]["peft-qlora"]["trainable_params"]
+    assert set(report["ratios"]) == {"ours-qlora / peft-qlora"}
+    assert "| ours-qlora / peft-qlora |" in (out / "bench.md").read_text()
