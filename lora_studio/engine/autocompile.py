@@ -49,8 +49,10 @@ def records_path() -> Path:
     return cache_dir() / "inductor" / "compile_times.json"
 
 
-def record_key(cfg: Any, device: torch.device) -> str:
-    return f"{cfg.model}|{cfg.method}|{cfg.precision}|{device.type}|torch {torch.__version__}"
+def record_key(cfg: Any, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Model, method, the products' dtype (autocast's, or fp32), device kind and torch version."""
+    products = str(dtype or torch.float32).removeprefix("torch.")
+    return f"{cfg.model}|{cfg.method}|{products}|{device.type}|torch {torch.__version__}"
 
 
 def predicted(key: str, device: torch.device) -> tuple[float, float]:
@@ -85,9 +87,10 @@ class AutoCompile:
     """The decision for one run, fed each step's seconds by the loop (`after_step`)."""
 
     def __init__(self, cfg: Any, model: nn.Module, device: torch.device, world: int,
-                 compile_layers: Callable[[nn.Module], Any], compile_seconds: Callable[[], float]) -> None:
+                 compile_layers: Callable[[nn.Module], Any], compile_seconds: Callable[[], float],
+                 dtype: torch.dtype | None = None) -> None:
         self.enabled = cfg.compile == "auto" and world == 1 and compiler_available(device)
-        self.model, self.device, self.key = model, device, record_key(cfg, device)
+        self.model, self.device, self.key = model, device, record_key(cfg, device, dtype)
         self.compile_layers, self.compile_seconds = compile_layers, compile_seconds
         self.eager: list[float] = []
         self.compiled: list[float] = []

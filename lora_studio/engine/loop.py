@@ -164,7 +164,8 @@ class Trainer:
         self.last_checkpoint = -1
         self.watch: EvalWatch | None = None  # probes and early stopping (rank 0), made by fit()
         self.early_stop_step: int | None = None
-        self.auto_compile = AutoCompile(cfg, self.model, self.device, env.world, compile_regions, compile_seconds)
+        self.auto_compile = AutoCompile(cfg, self.model, self.device, env.world, compile_regions, compile_seconds,
+                                        self.autocast_dtype)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
