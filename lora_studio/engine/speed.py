@@ -478,17 +478,8 @@ def fp32_attention_on_cpu() -> Iterator[None]:
     if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
         yield
         return
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
-    original = mapping["sdpa"]
-    if original is not _upcast_sdpa:  # (nested: already swapped)
-        _UPCAST_ORIGINAL["sdpa"] = original
-    mapping["sdpa"] = _upcast_sdpa
-    try:
+    with varlen.sdpa_entry(_upcast_sdpa, _UPCAST_ORIGINAL):
         yield
-    finally:
-        mapping["sdpa"] = original
 
 
 # ---------------------------------------------------------------- compilation

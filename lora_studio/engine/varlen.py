@@ -90,19 +90,25 @@ def sdpa_or_varlen(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
 
 
 @contextlib.contextmanager
-def swapped() -> Iterator[None]:
-    """`sdpa_or_varlen` in place of transformers' `sdpa` attention for the duration of a forward."""
+def sdpa_entry(replacement: Any, originals: dict[str, Any]) -> Iterator[None]:
+    """`replacement` in place of transformers' `sdpa` attention for the duration of a forward (the
+    backward reuses the graph); `originals["sdpa"]` keeps what it replaced, for its fallback."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
     original = mapping["sdpa"]
-    if original is not sdpa_or_varlen:  # (nested: already swapped)
-        _ORIGINAL["sdpa"] = original
-    mapping["sdpa"] = sdpa_or_varlen
+    if original is not replacement:  # (nested: already swapped)
+        originals["sdpa"] = original
+    mapping["sdpa"] = replacement
     try:
         yield
     finally:
         mapping["sdpa"] = original
+
+
+def swapped() -> contextlib.AbstractContextManager:
+    """`sdpa_or_varlen` in place of transformers' `sdpa` attention for the duration of a forward."""
+    return sdpa_entry(sdpa_or_varlen, _ORIGINAL)
 
 
 def forward(body: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

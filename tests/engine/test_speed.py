@@ -109,17 +109,23 @@ def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def test_packed_states_and_gradients_equal_the_padded_call(tiny_model_dir, monkeypatch):
-    model = _lora_model(tiny_model_dir)
+def padded_reference(model_dir: str) -> tuple:
+    """A float64 LoRA model's body, a batch, its trained positions, the adapter's parameters, and
+    the padded call's states and LoRA gradients (of a random weighting of the states)."""
+    model = _lora_model(model_dir)
     model.eval()  # the tiny GPT-2 has dropout: keep both passes deterministic (gradients still flow)
     body = model.base_model
     batch = _batch(model.config.vocab_size)
     keep = batch["labels"][:, 1:] != IGNORE_INDEX
     params = list(trainable_parameters(model).values())
-
     plain = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1][keep]
     weights = torch.randn_like(plain)
     plain_grads = torch.autograd.grad((plain * weights).sum(), params)
+    return body, batch, keep, params, plain, weights, plain_grads
+
+
+def test_packed_states_and_gradients_equal_the_padded_call(tiny_model_dir, monkeypatch):
+    body, batch, keep, params, plain, weights, plain_grads = padded_reference(tiny_model_dir)
 
     calls = []
     real = speed._packed_forward

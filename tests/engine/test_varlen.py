@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_studio.data import IGNORE_INDEX, Example, collate, pack_examples
+from lora_studio.data import Example, collate, pack_examples
 from lora_studio.engine import speed, varlen
-from lora_studio.methods import trainable_parameters
-from tests.engine.test_speed import _batch, _lora_model
+from tests.engine.test_speed import _lora_model, padded_reference
 
 
 def test_segment_bounds_come_from_the_restarting_positions():
@@ -55,15 +54,7 @@ def test_packed_batches_through_segments_equal_the_padded_call(tiny_model_dir, m
     the states and LoRA gradients are the padded call's, and the `sdpa` entry is restored."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    model = _lora_model(tiny_model_dir)
-    model.eval()
-    body = model.base_model
-    batch = _batch(model.config.vocab_size)
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    params = list(trainable_parameters(model).values())
-    plain = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, :-1][keep]
-    weights = torch.randn_like(plain)
-    plain_grads = torch.autograd.grad((plain * weights).sum(), params)
+    body, batch, keep, params, plain, weights, plain_grads = padded_reference(tiny_model_dir)
 
     monkeypatch.setattr(varlen, "usable", lambda b, device: True)
     segments = []
