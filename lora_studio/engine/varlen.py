@@ -61,7 +61,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_se
 
         dtype = query.dtype
         low = dtype if dtype in (torch.bfloat16, torch.float16) else torch.get_autocast_dtype("cuda")
-        q, k, v = (t.to(low) for t in (query, key, value))
+        q, k, v = (t.to(low).contiguous() for t in (query, key, value))  # (T, heads, D) rows, as flash wants
         out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, scale=scale,
                           window_size=(-1, 0), enable_gqa=gqa)  # (-1, 0): causal
         return out.to(dtype)
