@@ -84,7 +84,7 @@ def write_rows(path: Path, rows: int, seq: int, seed: int) -> Path:
     return path
 
 
-def point_result(result: dict[str, Any], batch: int) -> dict[str, Any]:
+def point_result(result: dict[str, Any]) -> dict[str, Any]:
     """Warm tokens/s (the steps after the first) and peak memory of one run."""
     if "error" in result:
         return {"error": result["error"]}
@@ -115,7 +115,7 @@ def run_point(shape: str, batch: int, seq: int, args: argparse.Namespace, tokeni
     specs = [{"variant": v, "label": v, "cfg": cfg, "train_file": str(train_file), "eval_file": str(eval_file),
               "threads": args.threads, "out": str(out / v), "baseline_order": "ours"} for v in args.variants]
     results = run_variants(specs, args.timeout)
-    return {v: point_result(results[v], batch) for v in args.variants}
+    return {v: point_result(results[v]) for v in args.variants}
 
 
 def markdown(points: list[dict[str, Any]], variants: list[str]) -> str:

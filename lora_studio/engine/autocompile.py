@@ -12,6 +12,7 @@ the seconds it spent show in the run's status (`compile`, `compile_s`).
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 from pathlib import Path
@@ -55,29 +56,25 @@ def record_key(cfg: Any, device: torch.device, dtype: torch.dtype | None = None)
     return f"{cfg.model}|{cfg.method}|{products}|{device.type}|torch {torch.__version__}"
 
 
+def _records() -> dict[str, Any]:
+    try:
+        return json.loads(records_path().read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: start over
+        return {}
+
+
 def predicted(key: str, device: torch.device) -> tuple[float, float]:
     """(compile seconds, gain) last measured under `key`, else the defaults."""
-    import json
-
-    try:
-        record = json.loads(records_path().read_text()).get(key) or {}
-    except (OSError, ValueError):
-        record = {}
+    record = _records().get(key) or {}
     compile_s = float(record.get("compile_s", COLD_COMPILE_S.get(device.type, 120.0)))
     gain = float(record.get("gain", DEFAULT_GAIN))
     return compile_s, gain
 
 
 def remember(key: str, compile_s: float, gain: float) -> None:
-    import json
-
     from lora_studio.runfiles import write_json_atomic
 
-    path = records_path()
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, ValueError):
-        records = {}
+    path, records = records_path(), _records()
     records[key] = {"compile_s": round(compile_s, 1), "gain": round(min(max(gain, 0.0), 0.9), 3)}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, records)
@@ -89,12 +86,12 @@ class AutoCompile:
     def __init__(self, cfg: Any, model: nn.Module, device: torch.device, world: int,
                  compile_layers: Callable[[nn.Module], Any], compile_seconds: Callable[[], float],
                  dtype: torch.dtype | None = None) -> None:
-        self.enabled = cfg.compile == "auto" and world == 1 and compiler_available(device)
+        enabled = cfg.compile == "auto" and world == 1 and compiler_available(device)
         self.model, self.device, self.key = model, device, record_key(cfg, device, dtype)
         self.compile_layers, self.compile_seconds = compile_layers, compile_seconds
         self.eager: list[float] = []
         self.compiled: list[float] = []
-        self.state = "measuring" if self.enabled else "off"  # -> "compiled" or "eager"
+        self.state = "measuring" if enabled else "off"  # -> "compiled" or "eager"
         self.eager_step = 0.0
 
     @property

@@ -101,6 +101,14 @@ def _restore_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.
     return out.to(dtype) if dtype is not None else None
 
 
+def _guard(module: nn.Module) -> None:
+    """Once per module: the hooks that let a bf16-stored weight take an fp32 input outside autocast."""
+    if not getattr(module, "_lora_studio_guarded", False):
+        module.register_forward_pre_hook(_cast_input)
+        module.register_forward_hook(_restore_output)
+        module._lora_studio_guarded = True
+
+
 def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
     """Store the frozen fp32 weights of linear layers in `dtype`; returns how many tensors.
 
@@ -114,20 +122,17 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
     modules = [layer.base for layer in layers.values()]
     modules += [m for m in model.modules() if is_linear(m) and id(m) not in inside]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = {id(embeddings.weight)} if embeddings is not None else set()
-    count = _store_tied_table(model, embeddings, dtype)
+    count = _store_tied_table(model, embeddings, dtype)  # (a tied head's weight is then bf16: skipped below)
     for module in modules:
         cast = False
         for p in module.parameters(recurse=False):
-            if p.requires_grad or p.dtype != torch.float32 or id(p) in tied:
+            if p.requires_grad or p.dtype != torch.float32:
                 continue
             p.data = p.data.to(dtype)
             count += 1
             cast = True
-        if cast and not getattr(module, "_lora_studio_guarded", False):
-            module.register_forward_pre_hook(_cast_input)
-            module.register_forward_hook(_restore_output)
-            module._lora_studio_guarded = True
+        if cast:
+            _guard(module)
     return count
 
 
@@ -153,10 +158,7 @@ def _store_tied_table(model: nn.Module, embeddings: nn.Module | None, dtype: tor
     if weight.requires_grad or weight.dtype != torch.float32:
         return 0
     weight.data = weight.data.to(dtype)
-    if not getattr(head, "_lora_studio_guarded", False):  # a call outside autocast (generation)
-        head.register_forward_pre_hook(_cast_input)
-        head.register_forward_hook(_restore_output)
-        head._lora_studio_guarded = True
+    _guard(head)  # a call outside autocast (generation)
     if not getattr(embeddings, "_lora_studio_upcast", False):
         embeddings.register_forward_hook(_embedding_to_fp32)
         embeddings._lora_studio_upcast = True
