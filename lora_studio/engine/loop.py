@@ -79,7 +79,7 @@ def prepare(plan: Plan) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # adapter init
     names = inject_adapters(model, plan.method, cfg)
     if plan.frozen_linears_bf16:
-        store_frozen_linears(model, torch.bfloat16)
+        store_frozen_linears(model, torch.bfloat16, spare=plan.strategy == "single")
     if cfg.compile is True:  # each decoder layer in place, one compiled code for all (causal_lm_loss calls the body)
         compile_regions(model)  # (`auto` decides after the first steps: Trainer.auto_compile)
     return {

@@ -30,6 +30,7 @@ from torch import nn
 from lora_studio.engine import varlen
 from lora_studio.methods import adapter_layers
 from lora_studio.methods.base import is_linear
+from lora_studio.methods.lora import with_spare_columns
 
 LOSS_CHUNK_BYTES = 64 * 2**20
 """fp32 logits held at once by `linear_cross_entropy` (64 MiB: 341 positions of a 49k vocabulary)."""
@@ -109,26 +110,29 @@ def _guard(module: nn.Module) -> None:
         module._lora_studio_guarded = True
 
 
-def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16, spare: bool = True) -> int:
     """Store the frozen fp32 weights of linear layers in `dtype`; returns how many tensors.
 
     Linear layers are: the base layer inside each adapter layer, and every plain linear outside
     the adapters (untargeted projections, an untied LM head). Skipped: anything trainable, the
     adapters' own tensors and 4-bit weights. A head tied to the input embedding is stored in
-    `dtype` with its table (`_store_tied_table`).
+    `dtype` with its table (`_store_tied_table`). With `spare`, the base weight of a LoRA layer
+    gets r spare columns a row for its adapter (`lora.with_spare_columns`; one process only:
+    DDP and FSDP move whole, contiguous parameters).
     """
     layers = adapter_layers(model)
     inside = {id(m) for layer in layers.values() for m in layer.modules()}
-    modules = [layer.base for layer in layers.values()]
-    modules += [m for m in model.modules() if is_linear(m) and id(m) not in inside]
+    modules = [(layer.base, getattr(layer, "spare_columns", 0) if spare else 0) for layer in layers.values()]
+    modules += [(m, 0) for m in model.modules() if is_linear(m) and id(m) not in inside]
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     count = _store_tied_table(model, embeddings, dtype)  # (a tied head's weight is then bf16: skipped below)
-    for module in modules:
+    for module, columns in modules:
         cast = False
-        for p in module.parameters(recurse=False):
+        for name, p in module.named_parameters(recurse=False):
             if p.requires_grad or p.dtype != torch.float32:
                 continue
-            p.data = p.data.to(dtype)
+            wide = columns and name == "weight" and isinstance(module, nn.Linear)
+            p.data = with_spare_columns(p.data, columns, dtype) if wide else p.data.to(dtype)
             count += 1
             cast = True
         if cast:

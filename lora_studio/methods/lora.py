@@ -26,39 +26,89 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+def wide_weight(weight: torch.Tensor, rank: int) -> torch.Tensor | None:
+    """The (d_out, d_in + r) matrix [W0 | s·B] whose first d_in columns are `weight`, when its
+    storage was laid out with r spare columns a row (`with_spare_columns`); else None."""
+    d_out, d_in = weight.shape
+    if weight.stride() != (d_in + rank, 1) or weight.untyped_storage().nbytes() < weight.element_size() * (
+        weight.storage_offset() + d_out * (d_in + rank)
+    ):
+        return None
+    return weight.as_strided((d_out, d_in + rank), (d_in + rank, 1))
+
+
+def with_spare_columns(weight: torch.Tensor, rank: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`weight` (d_out, d_in) copied into rows of d_in + r numbers, returned as the (d_out, d_in)
+    view: `_LoRAProduct` writes s·B into the r spare columns and runs base and adapter as one
+    product, x W0ᵀ + z (s B)ᵀ = [x | z] [W0 | s B]ᵀ."""
+    d_out, d_in = weight.shape
+    rows = weight.new_empty(d_out, d_in + rank, dtype=dtype or weight.dtype)
+    rows[:, :d_in] = weight
+    return rows[:, :d_in]
+
+
 class _LoRAProduct(torch.autograd.Function):
     """y = x W0ᵀ + b + (x Aᵀ)(s B)ᵀ in one compute dtype, with a hand-written backward.
 
     The same products as the module path (`lora_term` + `adapt`), fewer passes: x is cast once
-    for W0 and A (autocast casts it for each), the LoRA term is added inside the frozen
-    product's output buffer (addmm: no separate scale, add and rounding), and backward forms
-    d x = g W0 + (g s B) A in one buffer and casts it once. Saved for backward: x in the
-    compute dtype and z = x Aᵀ (r numbers per token), as autograd would.
+    for W0 and A (autocast casts it for each) and backward forms d x = g W0 + (g s B) A in one
+    buffer and casts it once. Where W0 has spare columns (`with_spare_columns`, which the engine
+    sets up for bf16-stored weights), z = x Aᵀ sits beside x and s·B beside W0, so the frozen
+    product adds the LoRA term and, backward, gives d z = g s B with d x: on the bench's short
+    rows each small (r-wide) product costs a kernel call of 30–50 µs whatever its size. Else
+    the term is added inside the frozen product's buffer (addmm). Saved for backward: x in the
+    compute dtype and z (r numbers per token), as autograd would.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dtype):  # type: ignore[override]
+        rank, d_in = lora_A.shape
+        wide = None
+        if weight.dtype == dtype and not torch.compiler.is_compiling():
+            wide = wide_weight(weight, rank)  # (d_out, d_in + r)
         with torch.autocast(x.device.type, enabled=False):  # every dtype below is explicit
-            x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (N, d_in)
-            w, a = weight.to(dtype), lora_A.to(dtype)  # (d_out, d_in), (r, d_in)
-            sb = (lora_B * scaling).to(dtype)  # (d_out, r)
-            z = x2 @ a.T  # (N, r)
-            y = x2 @ w.T if bias is None else torch.addmm(bias.to(dtype), x2, w.T)  # (N, d_out)
-            y.addmm_(z, sb.T)
-        ctx.save_for_backward(x2, z, weight, a, sb)
+            x2 = x.reshape(-1, d_in)
+            a = lora_A.to(dtype)  # (r, d_in)
+            b = bias.to(dtype) if bias is not None else None
+            if wide is not None:
+                xz = x2.new_empty(x2.shape[0], d_in + rank, dtype=dtype)  # (N, d_in + r) = [x | z]
+                xz[:, :d_in] = x2
+                xz[:, d_in:] = xz[:, :d_in] @ a.T
+                torch.mul(lora_B, scaling, out=wide[:, d_in:])  # this step's s·B, in the spare columns
+                y = xz @ wide.T if b is None else torch.addmm(b, xz, wide.T)  # (N, d_out)
+                x2, z, sb = xz[:, :d_in], xz[:, d_in:], wide[:, d_in:]
+            else:
+                x2 = x2.to(dtype)  # (N, d_in)
+                sb = (lora_B * scaling).to(dtype)  # (d_out, r)
+                z = x2 @ a.T  # (N, r)
+                w = weight.to(dtype)  # (d_out, d_in)
+                y = x2 @ w.T if b is None else torch.addmm(b, x2, w.T)  # (N, d_out)
+                y.addmm_(z, sb.T)
+        ctx.save_for_backward(x2, z, a)
+        # Kept without save_for_backward's version check: W0's spare columns (and so s·B there)
+        # are rewritten by this layer's next forward, after this backward.
+        ctx.weight, ctx.sb, ctx.wide = weight, sb, wide is not None
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.dtypes = scaling, x.shape, x.dtype, (lora_A.dtype, lora_B.dtype)
         return y.reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x2, z, weight, a, sb = ctx.saved_tensors
+        x2, z, a = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)  # (N, d_out)
         needs = ctx.needs_input_grad
         grad_x = grad_a = grad_b = None
+        d_in = x2.shape[1]
         with torch.autocast(g.device.type, enabled=False):
-            gz = g @ sb  # (N, r): d loss / d z
-            if needs[0]:
-                grad_x = (g @ weight.to(x2.dtype)).addmm_(gz, a).to(ctx.x_dtype).reshape(ctx.x_shape)
+            if needs[0] and ctx.wide:
+                gxz = g @ wide_weight(ctx.weight, a.shape[0])  # (N, d_in + r) = [g W0 | g s B]
+                gz = gxz[:, d_in:]  # (N, r): d loss / d z
+                grad_x = gxz[:, :d_in].addmm_(gz, a)
+            else:
+                gz = g @ ctx.sb  # (N, r)
+                if needs[0]:
+                    grad_x = (g @ ctx.weight.to(x2.dtype)).addmm_(gz, a)
+            if grad_x is not None:
+                grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
             if needs[3]:
                 grad_a = (gz.T @ x2).to(ctx.dtypes[0])  # (r, d_in)
             if needs[4]:
@@ -104,6 +154,11 @@ class LoRALinear(AdapterLayer):
             return torch.get_autocast_dtype(x.device.type)
         same = x.dtype == weight.dtype == self.lora_A.dtype == self.lora_B.dtype
         return x.dtype if same else None
+
+    @property
+    def spare_columns(self) -> int:
+        """Spare columns a row of W0's storage would give the one-function path (`with_spare_columns`)."""
+        return self.rank if type(self) is LoRALinear and isinstance(self.dropout, nn.Identity) else 0
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A dropout(x): (..., d_in) -> (..., d_out), in the adapter's dtype."""

@@ -18,6 +18,7 @@ from lora_studio.engine.plan import make_plan
 from lora_studio.config import TrainConfig
 from lora_studio.data import IGNORE_INDEX
 from lora_studio.methods import REGISTRY, get_method, inject_adapters, trainable_parameters
+from lora_studio.methods.lora import wide_weight
 from lora_studio.models import load_model
 from lora_studio.engine.loss import causal_lm_loss
 from tests.helpers import perturb
@@ -216,7 +217,7 @@ def test_bf16_storage_equals_autocast_over_fp32_weights(tiny_llama_dir):
         perturb(model)
         models.append(model)
     reference, stored = models
-    n = speed.store_frozen_linears(stored)
+    n = speed.store_frozen_linears(stored, spare=False)
     assert n == 15  # 7 linears in each of 2 blocks, and the (untied) LM head
     for name, p in stored.named_parameters():
         if p.requires_grad:
@@ -252,7 +253,7 @@ def test_a_tied_table_is_stored_in_bf16_and_changes_only_the_embedding_rounding(
     table = reference.get_input_embeddings().weight
     with torch.no_grad():  # the one numeric difference: the input rows come back bf16-rounded
         table.copy_(table.to(torch.bfloat16).float())
-    n = speed.store_frozen_linears(stored)
+    n = speed.store_frozen_linears(stored, spare=False)  # spare columns: their own test
     assert n == 15  # 7 linears in each of 2 blocks, and the tied table
     assert stored.get_input_embeddings().weight.dtype == torch.bfloat16
     assert stored.get_output_embeddings().weight is stored.get_input_embeddings().weight
@@ -442,3 +443,27 @@ def test_prepare_with_compile_compiles_each_decoder_layer_and_keeps_the_cache_di
         assert [m._compiled_call_impl is not None for m in layers] == [flag] * len(layers)
         assert model.base_model._compiled_call_impl is None  # regional: not the whole body
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+
+
+def test_spare_columns_are_as_exact_as_the_addmm_layout(tiny_llama_dir):
+    """The base weights of LoRA layers with spare columns (one product for W0 and the term, one
+    rounding) give logits at least as close to the fp32 model's as the addmm layout (two)."""
+    cfg = TrainConfig(data="x", out="x", rank=4).resolved()
+    models = []
+    for spare in (None, False, True):
+        model = load_model(tiny_llama_dir)
+        torch.manual_seed(0)
+        inject_adapters(model, get_method("lora"), cfg)
+        perturb(model)
+        if spare is not None:
+            speed.store_frozen_linears(model, spare=spare)
+        models.append(model)
+    exact_model, addmm, spare = models
+    wide = [n for n, m in spare.named_modules() if isinstance(m, nn.Linear) and wide_weight(m.weight, 4) is not None]
+    assert len(wide) == 14  # every adapted base; not the LM head
+    ids = torch.randint(3, 300, (4, 16))
+    with torch.no_grad():
+        exact = exact_model(input_ids=ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            errors = [((m(input_ids=ids).logits.float() - exact).norm() / exact.norm()).item() for m in (addmm, spare)]
+    assert 0 < errors[1] <= 1.1 * errors[0], errors

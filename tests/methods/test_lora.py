@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_studio.methods.lora import LoRALinear, lora_scaling
+from lora_studio.methods.lora import LoRALinear, lora_scaling, wide_weight, with_spare_columns
 
 
 def _layer(kind: str, d_in: int = 12, d_out: int = 10) -> nn.Module:
@@ -111,30 +111,60 @@ def _module_path(lora: LoRALinear, monkeypatch) -> None:
     monkeypatch.setattr(LoRALinear, "_product_dtype", lambda self, x: None)
 
 
+@pytest.mark.parametrize("spare", [False, True], ids=["addmm", "spare-columns"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_function_path_gives_the_equations_gradients(bias, monkeypatch):
+def test_one_function_path_gives_the_equations_gradients(bias, spare, monkeypatch):
     """`_LoRAProduct`'s hand-written backward against autograd through the equation, in float64:
-    d x = g W0 + s (g B) A, d A = s (g B)ᵀ x, d B = s gᵀ (x Aᵀ)."""
+    d x = g W0 + s (g B) A, d A = s (g B)ᵀ x, d B = s gᵀ (x Aᵀ); both layouts of W0 (plain, and
+    with spare columns holding s·B), over two steps so that a stale s·B would show."""
     torch.manual_seed(0)
     base = nn.Linear(12, 10, bias=bias).double().requires_grad_(False)  # frozen, as inject_adapters leaves it
     lora = LoRALinear(base, rank=4, alpha=12.0).double()
-    with torch.no_grad():
-        lora.lora_B.normal_()
+    if spare:
+        base.weight.data = with_spare_columns(base.weight.data, lora.spare_columns)
+    assert (wide_weight(base.weight, 4) is not None) == spare
     x, g = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
     assert lora._product_dtype(x) == torch.float64  # the one-function path runs
-    fused = _grads(lora, x, g)
-    _module_path(lora, monkeypatch)
-    reference = _grads(lora, x, g)
-    for got, want in zip(fused, reference):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert fused[1].abs().sum() > 0 and fused[2].abs().sum() > 0
+    for _ in range(2):
+        with torch.no_grad():
+            lora.lora_B.normal_()  # an optimizer step
+        with monkeypatch.context() as patch:
+            fused = _grads(lora, x, g)
+            _module_path(lora, patch)
+            reference = _grads(lora, x, g)
+        for got, want in zip(fused, reference):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        assert fused[1].abs().sum() > 0 and fused[2].abs().sum() > 0
+    if spare:  # the spare columns hold this step's s·B, W0 is untouched
+        torch.testing.assert_close(wide_weight(base.weight, 4)[:, 12:], lora.lora_B * lora.scaling)
 
 
-def test_one_function_path_under_bf16_autocast_matches_the_module_path(monkeypatch):
+def test_spare_columns_with_a_frozen_input_still_give_the_adapter_gradients():
+    """The first layer's input needs no gradient: d z then comes from its own small product."""
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(12, 10).double().requires_grad_(False), rank=4, alpha=8.0).double()
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    lora(x).square().sum().backward()
+    want = [lora.lora_A.grad.clone(), lora.lora_B.grad.clone()]
+    lora.zero_grad(set_to_none=True)
+    lora.base.weight.data = with_spare_columns(lora.base.weight.data, 4)
+    lora(x).square().sum().backward()
+    for got, ref in zip([lora.lora_A.grad, lora.lora_B.grad], want):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stored", ["fp32", "bf16-spare-columns"])
+def test_one_function_path_under_bf16_autocast_matches_the_module_path(stored, monkeypatch):
     """Under bf16 autocast: bf16 output, fp32 gradients for the fp32 input and adapter, within
-    bf16 rounding of what autocast gives the module path (which rounds the term separately)."""
+    bf16 rounding of what autocast gives the module path (which rounds the term separately).
+    `bf16-spare-columns`: W0 as the engine stores it on a bf16 CPU (`store_frozen_linears`)."""
     torch.manual_seed(0)
     lora = LoRALinear(nn.Linear(64, 48).requires_grad_(False), rank=8, alpha=16.0)
+    if stored != "fp32":
+        lora.base.weight.data = with_spare_columns(lora.base.weight.data, 8, torch.bfloat16)
+        assert wide_weight(lora.base.weight, 8) is not None
     with torch.no_grad():
         lora.lora_B.normal_(std=0.1)
     x, g = torch.randn(2, 7, 64), torch.randn(2, 7, 48)
