@@ -65,11 +65,12 @@ def check_targets(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
         value, limit = ours["train_s"] / ok["peft-bf16"]["train_s"], TARGETS["time_vs_peft_bf16"]
         checks[f"time <= {limit}x peft bf16"] = {"value": value, "met": value <= limit}
         if ours.get("precision") == "bfloat16":
-            # bf16 autocast alone moves the eval loss by a few % (peft-bf16 against peft-fp32): where
-            # ours ran in bf16 (`auto` on a CPU with fast bf16), also judge it against the same precision.
+            # bf16 autocast alone costs peft a few % of eval loss against fp32: where ours ran in bf16
+            # (`auto` on a CPU with fast bf16), also judge it against the same precision, one-sided
+            # (ours rounds the LoRA term once with the base product and may well come out better).
             value = ours["eval_loss"] / ok["peft-bf16"]["eval_loss"] - 1
-            checks["eval loss within 2% of peft bf16 (same precision)"] = {
-                "value": value, "met": abs(value) <= TARGETS["eval_loss_rel_diff"]}
+            checks["eval loss at most 2% above peft bf16 (same precision)"] = {
+                "value": value, "met": value <= TARGETS["eval_loss_rel_diff"]}
     return checks
 
 
