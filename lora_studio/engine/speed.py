@@ -30,7 +30,7 @@ from torch import nn
 from lora_studio.engine import varlen
 from lora_studio.methods import adapter_layers
 from lora_studio.methods.base import is_linear
-from lora_studio.methods.lora import with_spare_columns
+from lora_studio.methods.lora import give_spare_columns
 
 LOSS_CHUNK_BYTES = 64 * 2**20
 """fp32 logits held at once by `linear_cross_entropy` (64 MiB: 341 positions of a 49k vocabulary)."""
@@ -117,7 +117,7 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16, 
     the adapters (untargeted projections, an untied LM head). Skipped: anything trainable, the
     adapters' own tensors and 4-bit weights. A head tied to the input embedding is stored in
     `dtype` with its table (`_store_tied_table`). With `spare`, the base weight of a LoRA layer
-    gets r spare columns a row for its adapter (`lora.with_spare_columns`; one process only:
+    gets r spare columns a row for its adapter (`lora.give_spare_columns`; one process only:
     DDP and FSDP move whole, contiguous parameters).
     """
     layers = adapter_layers(model)
@@ -131,8 +131,10 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype = torch.bfloat16, 
         for name, p in module.named_parameters(recurse=False):
             if p.requires_grad or p.dtype != torch.float32:
                 continue
-            wide = columns and name == "weight" and isinstance(module, nn.Linear)
-            p.data = with_spare_columns(p.data, columns, dtype) if wide else p.data.to(dtype)
+            if columns and name == "weight" and isinstance(module, nn.Linear):
+                give_spare_columns(p, columns, dtype)
+            else:
+                p.data = p.data.to(dtype)
             count += 1
             cast = True
         if cast:
@@ -508,10 +510,22 @@ def compile_regions(model: nn.Module, dynamic: bool | None = True) -> list[nn.Mo
     # Inductor's on-disk caches (FX graphs, AOT autograd, kernels) next to the converted models:
     # a second run on the same model and settings starts warm (seconds instead of a minute here).
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    layers = decoder_layers(getattr(model, "base_model", model))
+    body = getattr(model, "base_model", model)
+    spare = [layer for layer in adapter_layers(model).values() if hasattr(layer, "write_spare_columns")]
+    if spare and not getattr(body, "_lora_studio_writes_spare", False):
+        # LoRA's s·B goes into W0's spare columns here, in eager code before the compiled layers run:
+        # written inside them, compiled code would copy each whole W0 back after every call.
+        body.register_forward_pre_hook(functools.partial(_write_spare_columns, spare))
+        body._lora_studio_writes_spare = True
+    layers = decoder_layers(body)
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return layers
+
+
+def _write_spare_columns(layers: list[nn.Module], module: nn.Module, args: tuple) -> None:
+    for layer in layers:
+        layer.write_spare_columns()
 
 
 def compile_seconds() -> float:

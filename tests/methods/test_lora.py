@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_studio.methods.lora import LoRALinear, lora_scaling, wide_weight, with_spare_columns
+from lora_studio.methods.lora import LoRALinear, lora_scaling, give_spare_columns, wide_weight
 
 
 def _layer(kind: str, d_in: int = 12, d_out: int = 10) -> nn.Module:
@@ -121,7 +121,7 @@ def test_one_function_path_gives_the_equations_gradients(bias, spare, monkeypatc
     base = nn.Linear(12, 10, bias=bias).double().requires_grad_(False)  # frozen, as inject_adapters leaves it
     lora = LoRALinear(base, rank=4, alpha=12.0).double()
     if spare:
-        base.weight.data = with_spare_columns(base.weight.data, lora.spare_columns)
+        give_spare_columns(base.weight, lora.spare_columns)
     assert (wide_weight(base.weight, 4) is not None) == spare
     x, g = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
     assert lora._product_dtype(x) == torch.float64  # the one-function path runs
@@ -149,10 +149,14 @@ def test_spare_columns_with_a_frozen_input_still_give_the_adapter_gradients():
     lora(x).square().sum().backward()
     want = [lora.lora_A.grad.clone(), lora.lora_B.grad.clone()]
     lora.zero_grad(set_to_none=True)
-    lora.base.weight.data = with_spare_columns(lora.base.weight.data, 4)
+    give_spare_columns(lora.base.weight, 4)
+    assert wide_weight(lora.base.weight, 4) is not None
     lora(x).square().sum().backward()
     for got, ref in zip([lora.lora_A.grad, lora.lora_B.grad], want):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    # A weight replaced later (moved, re-cast) loses the layout: the plain path, never stale columns.
+    lora.base.weight.data = lora.base.weight.data.contiguous()
+    assert wide_weight(lora.base.weight, 4) is None and wide_weight(torch.zeros(10, 16)[:, :12], 4) is None
 
 
 @pytest.mark.parametrize("stored", ["fp32", "bf16-spare-columns"])
@@ -163,7 +167,7 @@ def test_one_function_path_under_bf16_autocast_matches_the_module_path(stored, m
     torch.manual_seed(0)
     lora = LoRALinear(nn.Linear(64, 48).requires_grad_(False), rank=8, alpha=16.0)
     if stored != "fp32":
-        lora.base.weight.data = with_spare_columns(lora.base.weight.data, 8, torch.bfloat16)
+        give_spare_columns(lora.base.weight, 8, torch.bfloat16)
         assert wide_weight(lora.base.weight, 8) is not None
     with torch.no_grad():
         lora.lora_B.normal_(std=0.1)
@@ -192,3 +196,39 @@ def test_one_function_path_is_skipped_where_it_would_change_the_method():
     plain.disabled = True
     assert plain._product_dtype(torch.randn(2, 12)) is None
     assert LoRALinear(Conv1D(10, 12), rank=4, alpha=8.0)._product_dtype(torch.randn(2, 12)) is None
+
+
+@pytest.mark.parametrize("stored", ["fp32", "bf16-spare-columns"])
+def test_compiled_layer_trains_as_the_eager_one(stored):
+    """`torch.compile` (as `compile: auto` applies it: dynamic shapes) traces the one-function
+    path: over steps that change B, outputs and adapter gradients equal the eager layer's under
+    bf16 autocast. With spare columns, compiled code reads s·B there and leaves writing it to
+    eager code before the call (`write_spare_columns`, which `compile_regions` hooks in)."""
+    def make():
+        torch.manual_seed(0)
+        lora = LoRALinear(nn.Linear(32, 24).requires_grad_(False), rank=4, alpha=8.0)
+        if stored != "fp32":
+            give_spare_columns(lora.base.weight, 4, torch.bfloat16)
+        return lora
+
+    x = torch.randn(2, 5, 32)
+    runs = []
+    for compiled in (False, True):
+        lora = make()
+        layer = torch.compile(lora, dynamic=True) if compiled else lora
+        steps = []
+        for _ in range(3):
+            with torch.no_grad():
+                lora.lora_B.add_(0.1)  # an optimizer step
+            if compiled:
+                lora.write_spare_columns()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().square().sum().backward()
+            steps.append([y.detach().float(), lora.lora_A.grad.clone(), lora.lora_B.grad.clone()])
+            lora.zero_grad(set_to_none=True)
+        runs.append(steps)
+    for eager, compiled in zip(*runs):
+        assert eager[1].abs().sum() > 0
+        for want, got in zip(eager, compiled):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-3)
