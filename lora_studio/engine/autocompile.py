@@ -136,15 +136,8 @@ class AutoCompile:
 
     def fall_back(self, error: Exception) -> str:
         """The first compiled step failed (no working compiler, an unsupported op): back to eager."""
-        import torch._dynamo
+        from lora_studio.engine.speed import uncompile_regions
 
-        for layer in self._layers():
-            layer._compiled_call_impl = None
-        torch._dynamo.reset()
+        uncompile_regions(self.model)
         self.state = "eager"
         return f"auto: compiling failed ({error.__class__.__name__}: {str(error)[:200]}); eager"
-
-    def _layers(self) -> list[nn.Module]:
-        from lora_studio.engine.fsdp import decoder_layers
-
-        return decoder_layers(getattr(self.model, "base_model", self.model))

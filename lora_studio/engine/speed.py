@@ -512,15 +512,29 @@ def compile_regions(model: nn.Module, dynamic: bool | None = True) -> list[nn.Mo
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
     body = getattr(model, "base_model", model)
     spare = [layer for layer in adapter_layers(model).values() if hasattr(layer, "write_spare_columns")]
-    if spare and not getattr(body, "_lora_studio_writes_spare", False):
+    if spare and getattr(body, "_lora_studio_writes_spare", None) is None:
         # LoRA's s·B goes into W0's spare columns here, in eager code before the compiled layers run:
         # written inside them, compiled code would copy each whole W0 back after every call.
-        body.register_forward_pre_hook(functools.partial(_write_spare_columns, spare))
-        body._lora_studio_writes_spare = True
+        body._lora_studio_writes_spare = body.register_forward_pre_hook(functools.partial(_write_spare_columns, spare))
     layers = decoder_layers(body)
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return layers
+
+
+def uncompile_regions(model: nn.Module) -> None:
+    """Undo `compile_regions`: the decoder layers run eagerly again (and write their own spare columns)."""
+    import torch._dynamo
+
+    from lora_studio.engine.fsdp import decoder_layers
+
+    body = getattr(model, "base_model", model)
+    for layer in decoder_layers(body):
+        layer._compiled_call_impl = None
+    handle = body.__dict__.pop("_lora_studio_writes_spare", None)
+    if handle is not None:
+        handle.remove()
+    torch._dynamo.reset()
 
 
 def _write_spare_columns(layers: list[nn.Module], module: nn.Module, args: tuple) -> None:

@@ -526,3 +526,19 @@ def test_compiled_bf16_training_learns_what_the_eager_one_learns(tiny_llama_dir,
     eager, compiled = runs
     assert eager < -0.01
     assert abs(compiled - eager) < 0.2 * abs(eager), runs
+
+
+def test_uncompile_regions_undoes_compile_regions(tiny_llama_dir, tmp_path, monkeypatch):
+    """What `compile: auto` calls when the compiling step fails: eager layers again, and no hook
+    writing the spare columns a second time before the layers write their own."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = _adapted(tiny_llama_dir)
+    speed.store_frozen_linears(model)
+    layers = speed.compile_regions(model)
+    body = model.base_model
+    assert all(m._compiled_call_impl is not None for m in layers) and len(body._forward_pre_hooks) == 1
+    speed.uncompile_regions(model)
+    assert all(m._compiled_call_impl is None for m in layers) and not body._forward_pre_hooks
+    assert not hasattr(body, "_lora_studio_writes_spare")
+    speed.compile_regions(model)  # and it can compile again
+    assert len(body._forward_pre_hooks) == 1
