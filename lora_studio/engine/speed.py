@@ -30,7 +30,7 @@ from torch import nn
 from lora_studio.engine import varlen
 from lora_studio.methods import adapter_layers
 from lora_studio.methods.base import is_linear
-from lora_studio.methods.lora import give_spare_columns
+from lora_studio.methods.lowrank import give_spare_columns
 
 LOSS_CHUNK_BYTES = 64 * 2**20
 """fp32 logits held at once by `linear_cross_entropy` (64 MiB: 341 positions of a 49k vocabulary)."""

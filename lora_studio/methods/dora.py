@@ -10,8 +10,11 @@ W' is never applied to the tokens; with f = m / ‖V‖ (d_out numbers) the forw
 
     y = f ⊙ (W0 x + s·B A x) + b  =  W0 x + b + (f − 1) ⊙ W0 x + f ⊙ s·B A x
 
-computed from the base output y0 = W0 x + b as peft does it (with dropout in training the
-W0 term is recomputed on the dropped-out input, again as peft). ‖V‖ needs the d_out × d_in
+computed as f ⊙ ([x | z] [W0 | s·B]ᵀ) + b, z = x Aᵀ: base and LoRA term in one product,
+rounded once (`LoRALinear.product`), then f in fp32, so that under bf16 neither B's nor m's
+first small updates are rounded away. With dropout in training, or a base the product cannot
+take (4-bit), it is computed from the base output y0 = W0 x + b as peft does it (the W0 term
+then recomputed on the dropped-out input, again as peft). ‖V‖ needs the d_out × d_in
 matrix V once per forward, under no_grad (dequantized first on a 4-bit base).
 Merge: W ← f ⊙ (W0 + s·B A), bias unchanged. Trainable: A, B, m (d_out more than LoRA).
 
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_studio.methods.base import Method, base_weight
+from lora_studio.methods.base import AdapterLayer, Method, base_weight
 from lora_studio.methods.lora import LoRALinear
 
 
@@ -57,6 +60,17 @@ class DoRALinear(LoRALinear):
         # (the memory estimate builds the model on `meta`, where autocast does not exist)
         with torch.autocast(device, enabled=False) if device != "meta" else contextlib.nullcontext():
             return torch.linalg.norm(self.base_w() + self.delta_weight(), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._product_dtype(x)
+        if dtype is None or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return AdapterLayer.forward(self, x)  # (with dropout in training W0 x is recomputed: `adapt`)
+        self.write_spare_columns()
+        scale = self.lora_magnitude_vector / self.weight_norm()  # f: (d_out,)
+        # W0 x + s·B A x rounded once (`LoRALinear.product`); then the row scale and the bias
+        u = self.product(x, dtype, bias=False)  # (..., d_out)
+        y = u * scale  # (in f's fp32: rounded to bf16 first, f would drop m's first small updates)
+        return (y if self.base.bias is None else y + self.base.bias).to(dtype)
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         scale = self.lora_magnitude_vector / self.weight_norm()  # f: (d_out,)

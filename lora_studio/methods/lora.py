@@ -20,34 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_studio.methods.base import AdapterLayer, Method, base_weight
+from lora_studio.methods.lowrank import frozen_plus_term, product_dtype, wide_weight
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def wide_weight(weight: torch.Tensor, rank: int) -> torch.Tensor | None:
-    """The (d_out, d_in + r) rows [W0 | s·B] whose first d_in columns are `weight`, where
-    `give_spare_columns` laid it out so; else None."""
-    rows = getattr(weight, "spare_rows", None)
-    d_out, d_in = weight.shape
-    # The layout as well as the mark: a later `weight.data = ...` keeps the mark, not the layout.
-    if rows is None or rows.shape != (d_out, d_in + rank) or weight.stride() != (d_in + rank, 1):
-        return None
-    if not torch.compiler.is_compiling() and rows.data_ptr() != weight.data_ptr():
-        return None
-    return rows
-
-
-def give_spare_columns(weight: nn.Parameter, rank: int, dtype: torch.dtype | None = None) -> None:
-    """Copy `weight` (d_out, d_in) into rows of d_in + r numbers (in `dtype`) and make it the
-    (d_out, d_in) view of them: `_LoRAProduct` writes s·B into the r spare columns and runs base
-    and adapter as one product, x W0ᵀ + z (s B)ᵀ = [x | z] [W0 | s B]ᵀ."""
-    d_out, d_in = weight.shape
-    rows = weight.new_empty(d_out, d_in + rank, dtype=dtype or weight.dtype)
-    rows[:, :d_in] = weight.data
-    weight.data = rows[:, :d_in]
-    weight.spare_rows = rows
 
 
 class _LoRAProduct(torch.autograd.Function):
@@ -64,7 +41,8 @@ class _LoRAProduct(torch.autograd.Function):
     less (bench: eval loss 0.2849 against 0.2779 now, fp32 0.2771). Without spare columns a
     bf16/fp16 product lays [W0 | s·B] out for the call (W0 is cast or copied, +r columns); in
     fp32 or float64 the term is added inside the frozen product's buffer (addmm). Saved for
-    backward: x in the compute dtype and z (r numbers per token), as autograd would.
+    backward: x in the compute dtype and z (r numbers per token), as autograd would. (The
+    general form, for any term z cᵀ and without the fused d x: `lowrank.frozen_plus_term`.)
     """
 
     @staticmethod
@@ -149,41 +127,40 @@ class LoRALinear(AdapterLayer):
             return super().forward(x)
         weight = self.base.weight
         rows = wide_weight(weight, self.rank) if weight.dtype == dtype else None  # (d_out, d_in + r)
-        # Compiled code must not write into an input (it would copy all of W0 back after each
-        # call): there `speed.compile_regions` writes the columns before the model body runs.
-        if rows is not None and not torch.compiler.is_compiling():
+        if rows is not None:
             self.write_spare_columns(rows)
+        if not isinstance(self.dropout, nn.Identity) or not self.lora_A.requires_grad:
+            return self.product(x, dtype)
         weight = weight if rows is None else rows
         return _LoRAProduct.apply(x, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, dtype, rows is not None)
 
+    def product(self, x: torch.Tensor, dtype: torch.dtype, bias: bool = True) -> torch.Tensor:
+        """x W0ᵀ (+ b) + s·B A dropout(x) in one product (`lowrank.frozen_plus_term`), z and c
+        through autograd: where `_LoRAProduct`'s fused backward does not fit (dropout's mask,
+        a frozen A whose input need not be kept, DoRA's scale after the product)."""
+        z = F.linear(self.dropout(x.to(dtype)), self.lora_A.to(dtype))  # (..., r)
+        return frozen_plus_term(self.base, x, z, self.lora_B * self.scaling, dtype, bias)
+
     @torch.no_grad()
     def write_spare_columns(self, rows: torch.Tensor | None = None) -> None:
-        """This step's s·B into W0's spare columns (`give_spare_columns`), if it has them."""
+        """This step's s·B into W0's spare columns (`give_spare_columns`), if it has them.
+        Not in compiled code, where writing into an input would copy all of W0 back after each
+        call: there `speed.compile_regions` calls this before the model body runs."""
         rows = wide_weight(self.base.weight, self.rank) if rows is None else rows
-        if rows is not None:
+        if rows is not None and not torch.compiler.is_compiling():
             rows[:, self.in_features :] = self.lora_B * self.scaling
 
     def _product_dtype(self, x: torch.Tensor) -> torch.dtype | None:
-        """The compute dtype of the one-function path (`_LoRAProduct`), or None for the module
-        path: a subclass (which changes the term), dropout, a base that is not a plain float
-        nn.Linear (Conv1D, 4-bit) or one with trainable weights, a disabled adapter, or mixed dtypes
-        outside autocast."""
-        if type(self) is not LoRALinear or self.disabled or not isinstance(self.dropout, nn.Identity):
+        """The compute dtype of the one-product path, or None for the module path (`adapt`): a
+        disabled adapter, or a base the product cannot take (`lowrank.product_dtype`)."""
+        if self.disabled:
             return None
-        weight = getattr(self.base, "weight", None)
-        if type(self.base) is not nn.Linear or weight is None or not weight.is_floating_point():
-            return None
-        if any(p.requires_grad for p in self.base.parameters()):  # the backward gives no base gradient
-            return None
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        same = x.dtype == weight.dtype == self.lora_A.dtype == self.lora_B.dtype
-        return x.dtype if same else None
+        return product_dtype(self.base, x, self.lora_A, self.lora_B)
 
     @property
     def spare_columns(self) -> int:
-        """Spare columns a row of W0's storage would give the one-function path (`give_spare_columns`)."""
-        return self.rank if type(self) is LoRALinear and isinstance(self.dropout, nn.Identity) else 0
+        """Spare columns a row of W0's storage gives the one-product path (`give_spare_columns`)."""
+        return self.rank
 
     def lora_term(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A dropout(x): (..., d_in) -> (..., d_out), in the adapter's dtype."""

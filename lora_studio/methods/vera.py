@@ -38,6 +38,7 @@ from lora_studio.methods.base import (
     linear_shape,
     load_layer_states,
 )
+from lora_studio.methods.lowrank import frozen_plus_term, product_dtype, wide_weight
 
 SHARED_KEYS = ("base_model.vera_A", "base_model.vera_B")
 
@@ -76,6 +77,30 @@ class VeRALinear(AdapterLayer):
     def sliced(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A[:, :d_in] (r, d_in) and B[:d_out] (d_out, r)."""
         return self.shared.vera_A[:, : self.in_features], self.shared.vera_B[: self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.sliced()
+        dtype = None if self.disabled else product_dtype(self.base, x, a, b, self.vera_lambda_d, self.vera_lambda_b)
+        if dtype is None:
+            return super().forward(x)
+        # The term z cᵀ with z = λ_d ⊙ x Aᵀ, c = λ_b ⊙ B, rounded once with the base product
+        # (`lowrank`): added to a bf16 output, λ_b's first small updates were lost.
+        self.write_spare_columns()
+        z = self.vera_lambda_d * F.linear(self.dropout(x.to(dtype)), a.to(dtype))  # (..., r)
+        return frozen_plus_term(self.base, x, z, self.vera_lambda_b.unsqueeze(1) * b, dtype)
+
+    @torch.no_grad()
+    def write_spare_columns(self) -> None:
+        """λ_b ⊙ B into W0's spare columns (`lowrank.give_spare_columns`), if it has them; not
+        in compiled code (see `LoRALinear.write_spare_columns`)."""
+        rows = wide_weight(self.base.weight, self.spare_columns)
+        if rows is not None and not torch.compiler.is_compiling():
+            rows[:, self.in_features :] = self.vera_lambda_b.unsqueeze(1) * self.sliced()[1]
+
+    @property
+    def spare_columns(self) -> int:
+        """Spare columns a row of W0's storage gives the one-product path: the shared rank."""
+        return self.shared.vera_A.shape[0]
 
     def adapt(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a, b = self.sliced()

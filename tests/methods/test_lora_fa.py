@@ -58,14 +58,17 @@ def _saved_activation_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 
 
 def test_saves_only_a_x_for_backward():
+    """Per token, backward keeps z = A x (r numbers) and not x: measured as what 32 more tokens
+    add to the saved bytes (besides them: s·B, d_out × r, whatever the tokens)."""
     lora, fa = _pair(d_in=256, d_out=64, rank=4)
-    x = torch.randn(2, 32, 256, requires_grad=True)  # as inside a network: the input needs a gradient
-    lora_bytes = _saved_activation_bytes(lora, x)
-    fa_bytes = _saved_activation_bytes(fa, x)
-    tokens, r, d_in = 2 * 32, 4, 256
+    # as inside a network: the input needs a gradient
+    x, longer = torch.randn(2, 32, 256, requires_grad=True), torch.randn(2, 48, 256, requires_grad=True)
+    lora_bytes = _saved_activation_bytes(lora, longer) - _saved_activation_bytes(lora, x)
+    fa_bytes = _saved_activation_bytes(fa, longer) - _saved_activation_bytes(fa, x)
+    tokens, r, d_in = 2 * 16, 4, 256
     assert fa_bytes == tokens * r * 4  # z = A x only (float32)
     assert lora_bytes >= tokens * (d_in + r) * 4  # x and z
-    assert fa_bytes < lora_bytes
+    assert _saved_activation_bytes(fa, x) <= 2 * 32 * r * 4 + 64 * r * 4
 
 
 def test_dropout_is_refused(tiny_llama_dir):
