@@ -111,6 +111,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(r['peak_mb'], '.0f')} | {_fmt(r['final_loss'], '.4f')} | {_fmt(r['eval_loss'], '.4f')} "
             f"| {_fmt(r['eval_token_acc'], '.3f')} | {_fmt(r['eval_reply_acc'], '.3f')} | {load} |"
         )
+    compiled = [f"- {name}: compile {r['compile']}" for name, r in report["results"].items() if r.get("compile")]
+    if compiled:  # what `compile: auto` decided, and why: a compiled run's tokens/s is not an eager one's
+        lines += [""] + compiled
     if report.get("ratios"):
         paired = report["job"].get("baseline_order", "ours") == "ours"
         lines += ["", "| ours / baseline | time | step time (median of step-by-step ratios) | tokens/s | peak memory "
@@ -136,15 +139,16 @@ def methods_markdown(report: dict[str, Any]) -> str:
         f"Each method: {job['steps']} steps of batch {job['batch_size']} on {job['data']} "
         f"(model {job['model']}, method defaults for rank/alpha/lr), {job['threads']} threads.",
         "",
-        "| method | train time (s) | peak memory (MiB) | trainable params | train loss (last 5 steps) | eval loss | eval token acc | load avg |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | precision | train time (s) | peak memory (MiB) | trainable params | train loss (last 5 steps) "
+        "| eval loss | eval token acc | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error'][:200]} |||||||")
+            lines.append(f"| {name} | failed: {r['error'][:200]} ||||||||")
             continue
         lines.append(
-            f"| {name} | {_fmt(r['train_s'], '.1f')} | {_fmt(r['peak_mb'], '.0f')} | {r['trainable_params']:,} "
+            f"| {name} | {r.get('precision') or '–'} | {_fmt(r['train_s'], '.1f')} | {_fmt(r['peak_mb'], '.0f')} | {r['trainable_params']:,} "
             f"| {_fmt(r['final_loss'], '.4f')} | {_fmt(r['eval_loss'], '.4f')} | {_fmt(r['eval_token_acc'], '.3f')} "
             f"| {_fmt((r.get('load_before') or [None])[0], '.2f')} |"
         )

@@ -240,7 +240,7 @@ def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     result = _summary(turns.rows)
     status = read_status(cfg.out)
     result.update(total_s=total_s, peak_mb=peak, trainable_params=status.get("trainable_params"),
-                  precision=status.get("precision"))
+                  precision=status.get("precision"), compile=_compile_decision(cfg, status))
     # Score the artifact a user gets: the saved adapter on the full-precision base.
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model).to(device)
@@ -249,6 +249,14 @@ def run_ours(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:
     result.update(evaluate(model, held_out, tokenizer.pad_token_id, cfg.batch_size, device))
     result["flops_per_token"] = model_flops_per_token(model)
     return result
+
+
+def _compile_decision(cfg: Any, status: dict[str, Any]) -> str:
+    """What the run's `compile` setting came to, as its status says (`auto` decides after its
+    first eager steps; a shorter run stayed eager)."""
+    if status.get("compile"):
+        return status["compile"]
+    return {True: "on", False: "off"}.get(cfg.compile, f"{cfg.compile}: eager (the run ended before it decided)")
 
 
 def run_peft(spec: dict[str, Any], out: Path, turns: Turns) -> dict[str, Any]:

@@ -56,6 +56,7 @@ def test_bench_runs_every_variant_and_writes_table_json_plot(bench_run):
     assert results["ours"]["trainable_params"] == results["peft-fp32"]["trainable_params"]
     assert len({r["eval_tokens"] for r in results.values()}) == 1
     assert results["ours-fp32"]["precision"] == "float32" and results["peft-bf16"]["precision"] == "bfloat16"
+    assert results["ours"]["compile"].startswith("auto: ") and "compile" not in results["peft-fp32"]
     # Same batches, same init, both fp32: the two engines train the same adapter, step for step.
     ours_losses = [loss for _, loss in results["ours-fp32"]["curve"]]
     peft_losses = [loss for _, loss in results["peft-fp32"]["curve"]]
@@ -69,6 +70,7 @@ def test_bench_runs_every_variant_and_writes_table_json_plot(bench_run):
     table = (out / "bench.md").read_text()
     for name in results:
         assert f"| {name} |" in table
+    assert f"- ours: compile {results['ours']['compile']}" in table
     assert "ours / peft-fp32" in table and "tokens/s" in table and "peak memory" in table
     svg = (out / "bench_loss.svg").read_text()
     assert svg.count("<polyline") == 4
@@ -101,6 +103,7 @@ def test_methods_mode_has_a_row_per_registry_method(tmp_path, tiny_llama_dir):
     for name, r in report["results"].items():
         assert f"| {name} |" in table
         if "error" not in r:
+            assert f"| {name} | {r['precision']} |" in table
             assert r["steps"] == 2 and r["trainable_params"] > 0 and math.isfinite(r["final_loss"])
     assert "error" not in report["results"]["lora"]
 
