@@ -32,8 +32,9 @@ def test_sharded_layers_match_one_process(tmp_path):
     # One launch, three layer methods: each rank holds 1/2 of the weights (base included); loss,
     # gradient norm and gathered adapter equal the unsharded model on the whole batch; a sharded
     # checkpoint loads back exactly. DoRA's column norm and VeRA's shared matrices included.
-    # LoRA also with bf16 compute (MixedPrecisionPolicy) against the fp32 reference.
-    specs = ["lora", "dora", "vera", "lora:bf16"]
+    # LoRA and DoRA also with bf16 compute (MixedPrecisionPolicy) against the fp32 reference:
+    # their one product of base and term (`lowrank`) over FSDP's gathered weights.
+    specs = ["lora", "dora", "vera", "lora:bf16", "dora:bf16"]
     out = torchrun([str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path), *specs])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     for name in specs:

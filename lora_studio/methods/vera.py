@@ -80,7 +80,8 @@ class VeRALinear(AdapterLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.sliced()
-        dtype = None if self.disabled else product_dtype(self.base, x, a, b, self.vera_lambda_d, self.vera_lambda_b)
+        # (not A, B: the frozen shared pair may stay fp32 where FSDP computes the layers in bf16)
+        dtype = None if self.disabled else product_dtype(self.base, x, self.vera_lambda_d, self.vera_lambda_b)
         if dtype is None:
             return super().forward(x)
         # The term z cᵀ with z = λ_d ⊙ x Aᵀ, c = λ_b ⊙ B, rounded once with the base product

@@ -109,3 +109,17 @@ def test_dora_with_dropout_in_training_keeps_the_module_path(monkeypatch):
     layer = DoRALinear(nn.Linear(12, 10).requires_grad_(False), rank=4, alpha=8.0, dropout=0.2).train()
     monkeypatch.setattr(lora_module, "frozen_plus_term", lambda *a, **k: pytest.fail("one product taken"))
     assert layer(torch.randn(2, 12)).shape == (2, 10)
+
+
+def test_vera_in_bf16_takes_the_one_product_over_an_fp32_shared_pair(monkeypatch):
+    """Where FSDP computes a layer in bf16 without autocast, VeRA's frozen random pair stays fp32
+    (a buffer): the pair is cast for the call, and base and term are still rounded once."""
+    layer = VeRALinear(nn.Linear(12, 10).requires_grad_(False), VeRAShared(6, 12, 10, seed=0), d_initial=0.1)
+    layer.base.to(torch.bfloat16)
+    layer.vera_lambda_d.data, layer.vera_lambda_b.data = layer.vera_lambda_d.data.bfloat16(), layer.vera_lambda_b.data.bfloat16()
+    assert layer.shared.vera_A.dtype == torch.float32
+    calls = []
+    real = vera_module.frozen_plus_term
+    monkeypatch.setattr(vera_module, "frozen_plus_term", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    y = layer(torch.randn(3, 12, dtype=torch.bfloat16))
+    assert calls == [torch.bfloat16] and y.dtype == torch.bfloat16
