@@ -14,6 +14,7 @@ from lora_studio import runfiles as rf
 from lora_studio.config import TrainConfig
 from lora_studio.methods import get_method, inject_adapters, trainable_parameters
 from lora_studio.models import load_model
+from lora_studio.engine.loss import causal_lm_loss
 from lora_studio.runner import SUPERVISOR, pid_alive
 
 
@@ -37,6 +38,26 @@ def perturb(model: nn.Module, scale: float = 0.1, seed: int = 1) -> None:
     with torch.no_grad():
         for p in trainable_parameters(model).values():
             p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def learning_progress(model: nn.Module, bf16: bool, steps: int = 4, method: str = "lora", **options) -> float:
+    """Loss after `steps` - 1 fused-AdamW updates minus the loss before, on one batch, from B = 0
+    at the default learning rate: the first updates of B are small next to the base outputs."""
+    cfg = TrainConfig(data="x", out="x", rank=4, method=method, **options).resolved()
+    optimizer = get_method(method).make_optimizer(model, cfg)
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    losses = []
+    model.train()
+    for _ in range(steps):
+        torch.manual_seed(1)  # the same dropout masks in fp32 and bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, n = causal_lm_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item() / n)
+    return losses[-1] - losses[0]
 
 
 def sample_ids(vocab: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -129,15 +129,15 @@ class LoRALinear(AdapterLayer):
         rows = wide_weight(weight, self.rank) if weight.dtype == dtype else None  # (d_out, d_in + r)
         if rows is not None:
             self.write_spare_columns(rows)
-        if not isinstance(self.dropout, nn.Identity) or not self.lora_A.requires_grad:
-            return self.product(x, dtype)
+        if not isinstance(self.dropout, nn.Identity) or not self.lora_A.requires_grad or type(self.base) is not nn.Linear:
+            return self.product(x, dtype)  # dropout's mask, a frozen A, a 4-bit base
         weight = weight if rows is None else rows
         return _LoRAProduct.apply(x, weight, self.base.bias, self.lora_A, self.lora_B, self.scaling, dtype, rows is not None)
 
     def product(self, x: torch.Tensor, dtype: torch.dtype, bias: bool = True) -> torch.Tensor:
         """x W0ᵀ (+ b) + s·B A dropout(x) in one product (`lowrank.frozen_plus_term`), z and c
         through autograd: where `_LoRAProduct`'s fused backward does not fit (dropout's mask,
-        a frozen A whose input need not be kept, DoRA's scale after the product)."""
+        a frozen A whose input need not be kept, DoRA's scale after the product, a 4-bit W0)."""
         z = F.linear(self.dropout(x.to(dtype)), self.lora_A.to(dtype))  # (..., r)
         return frozen_plus_term(self.base, x, z, self.lora_B * self.scaling, dtype, bias)
 

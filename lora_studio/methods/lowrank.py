@@ -47,26 +47,56 @@ def give_spare_columns(weight: nn.Parameter, rank: int, dtype: torch.dtype | Non
     weight.spare_rows = rows
 
 
+def is_4bit(weight: torch.Tensor) -> bool:
+    return weight.__class__.__name__ == "Params4bit"
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W0 (d_out, d_in) as numbers: a bitsandbytes NF4 weight dequantized (in its compute dtype)."""
+    if not is_4bit(weight):
+        return weight
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+
 def product_dtype(base: nn.Module, x: torch.Tensor, *adapter: torch.Tensor) -> torch.dtype | None:
     """The compute dtype of a one-product layer over `base`, or None where it cannot take that
-    path: a base that is not a plain float nn.Linear (Conv1D, 4-bit) or has trainable tensors
-    (this backward gives them no gradient), or mixed dtypes outside autocast."""
+    path: a base that is neither a plain float nn.Linear nor a bitsandbytes 4-bit one (Conv1D, a
+    4-bit weight repacked for bitsandbytes' bf16 CPU kernel), one with trainable tensors (this
+    backward gives them no gradient), or mixed dtypes outside autocast."""
     weight = getattr(base, "weight", None)
-    if type(base) is not nn.Linear or weight is None or not weight.is_floating_point():
+    four_bit = weight is not None and is_4bit(weight) and type(base).__name__ == "Linear4bit"
+    if four_bit:
+        state = weight.quant_state
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None
+        dense = base.compute_dtype or state.dtype
+    elif type(base) is nn.Linear and weight is not None and weight.is_floating_point():
+        dense = weight.dtype
+    else:
         return None
     if any(p.requires_grad for p in base.parameters()):
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast and four_bit:  # bitsandbytes computes in its compute dtype whatever autocast says
+        return dense  # (fp32 on a CPU: the term then adds to an fp32 product, as on the module path)
+    if autocast:
         return torch.get_autocast_dtype(x.device.type)
-    return x.dtype if all(t.dtype == x.dtype for t in (weight, *adapter)) else None
+    return x.dtype if dense == x.dtype and all(t.dtype == x.dtype for t in adapter) else None
 
 
 def frozen_plus_term(base: nn.Linear, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor, dtype: torch.dtype,
                      bias: bool = True) -> torch.Tensor:
     """x W0ᵀ (+ b) + z cᵀ in `dtype`, rounded once: x (..., d_in), z (..., r), c (d_out, r) ->
     (..., d_out). W0's spare columns, if it has them, must hold c already (the layer's
-    `write_spare_columns`, or the compiled model's hook)."""
-    rows = wide_weight(base.weight, c.shape[1]) if base.weight.dtype == dtype else None
+    `write_spare_columns`, or the compiled model's hook). A bitsandbytes 4-bit W0 is dequantized
+    for the call, as bitsandbytes does itself."""
+    if is_4bit(base.weight):
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)  # (what Linear4bit.forward does first)
+    rows = wide_weight(base.weight, c.shape[1]) if base.weight.dtype == dtype else None  # (never 4-bit)
     weight = base.weight if rows is None else rows
     return _FrozenPlusTerm.apply(x, weight, base.bias if bias else None, z, c, dtype, rows is not None)
 
@@ -83,19 +113,22 @@ class _FrozenPlusTerm(torch.autograd.Function):
             x2, z2 = x.reshape(-1, d_in), z.reshape(-1, rank).to(dtype)  # (N, d_in), (N, r)
             b = bias.to(dtype) if bias is not None else None
             c2 = c.to(dtype)  # (d_out, r)
+            w0 = dense_weight(weight)  # (a 4-bit W0 dequantized for this call, and again in backward)
             if wide or dtype in HALF:
                 w = weight
                 if not wide:  # [W0 | c] for this call
-                    w = weight.new_empty(weight.shape[0], d_in + rank, dtype=dtype)  # (d_out, d_in + r)
-                    w[:, :d_in], w[:, d_in:] = weight, c2
+                    w = c2.new_empty(w0.shape[0], d_in + rank)  # (d_out, d_in + r)
+                    w[:, :d_in], w[:, d_in:] = w0, c2
                 xz = x2.new_empty(x2.shape[0], d_in + rank, dtype=dtype)  # (N, d_in + r) = [x | z]
                 xz[:, :d_in], xz[:, d_in:] = x2, z2
                 y = xz @ w.T if b is None else torch.addmm(b, xz, w.T)  # (N, d_out)
             else:
-                x2, w = x2.to(dtype), weight.to(dtype)
+                x2, w = x2.to(dtype), w0.to(dtype)
                 y = x2 @ w.T if b is None else torch.addmm(b, x2, w.T)  # (N, d_out)
                 y.addmm_(z2, c2.T)
-        ctx.save_for_backward(z2, c2, weight)
+        # A 4-bit W0 is kept as it is (a parameter), never its dequantized copy: QLoRA's memory.
+        ctx.save_for_backward(z2, c2, None if is_4bit(weight) else weight)
+        ctx.quantized = weight if is_4bit(weight) else None
         ctx.wide = wide
         ctx.x_shape, ctx.x_dtype, ctx.z_shape, ctx.z_dtype, ctx.c_dtype = x.shape, x.dtype, z.shape, z.dtype, c.dtype
         return y.reshape(*x.shape[:-1], -1)
@@ -103,6 +136,7 @@ class _FrozenPlusTerm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         z2, c2, weight = ctx.saved_tensors
+        weight = weight if ctx.quantized is None else dense_weight(ctx.quantized)
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(z2.dtype)  # (N, d_out)
         needs = ctx.needs_input_grad
         grad_x = grad_z = grad_c = None

@@ -21,7 +21,7 @@ from lora_studio.methods import REGISTRY, get_method, inject_adapters, trainable
 from lora_studio.methods.lowrank import wide_weight
 from lora_studio.models import load_model
 from lora_studio.engine.loss import causal_lm_loss
-from tests.helpers import perturb
+from tests.helpers import learning_progress, perturb
 
 
 # ---------------------------------------------------------------- the loss
@@ -469,26 +469,6 @@ def test_spare_columns_are_as_exact_as_the_addmm_layout(tiny_llama_dir):
     assert 0 < errors[1] <= 1.1 * errors[0], errors
 
 
-def _learning(model: nn.Module, bf16: bool, steps: int = 4, method: str = "lora", **options) -> float:
-    """Loss after `steps` - 1 fused-AdamW updates minus the loss before, on one batch, from B = 0
-    at the default learning rate: the first updates of B are small next to the base outputs."""
-    cfg = TrainConfig(data="x", out="x", rank=4, method=method, **options).resolved()
-    optimizer = get_method(method).make_optimizer(model, cfg)
-    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    losses = []
-    model.train()
-    for _ in range(steps):
-        torch.manual_seed(1)  # the same dropout masks in fp32 and bf16
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, n = causal_lm_loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item() / n)
-    return losses[-1] - losses[0]
-
-
 def _adapted(tiny_llama_dir: str, method: str = "lora", **options) -> nn.Module:
     model = load_model(tiny_llama_dir)
     torch.manual_seed(0)
@@ -502,11 +482,11 @@ def test_bf16_training_learns_what_fp32_learns(tiny_llama_dir, weights):
     product, the loss falls as far as in fp32 over the first steps, whatever the frozen weights'
     storage (spare columns, bf16 without them as under DDP, fp32 as with `merge`). (Added to
     outputs already rounded to bf16, the term lost most of them: -0.010 against fp32's -0.027.)"""
-    fp32 = _learning(_adapted(tiny_llama_dir), bf16=False)
+    fp32 = learning_progress(_adapted(tiny_llama_dir), bf16=False)
     model = _adapted(tiny_llama_dir)
     if weights != "fp32":
         speed.store_frozen_linears(model, spare=weights == "bf16-spare-columns")
-    bf16 = _learning(model, bf16=True)
+    bf16 = learning_progress(model, bf16=True)
     assert fp32 < -0.01
     assert abs(bf16 - fp32) < 0.2 * abs(fp32), (bf16, fp32)
 
@@ -518,11 +498,11 @@ def test_bf16_training_of_each_method_learns_what_fp32_learns(tiny_llama_dir, me
     base through LoRA's function): over bf16-stored weights with spare columns, the first small
     updates survive as in fp32. (With `y + term` on a rounded y they learned 31-46 % of fp32's
     progress here; VeRA, whose λ_b moves fast at its lr, lost little: tested for equality only.)"""
-    fp32 = _learning(_adapted(tiny_llama_dir, method, **options), bf16=False, method=method, **options)
+    fp32 = learning_progress(_adapted(tiny_llama_dir, method, **options), bf16=False, method=method, **options)
     model = _adapted(tiny_llama_dir, method, **options)
     if not get_method(method).writes_base:  # (Delta-LoRA's base stays fp32, as the engine keeps it)
         speed.store_frozen_linears(model)
-    bf16 = _learning(model, bf16=True, method=method, **options)
+    bf16 = learning_progress(model, bf16=True, method=method, **options)
     assert fp32 < -0.01
     assert abs(bf16 - fp32) < 0.2 * abs(fp32), (bf16, fp32)
 
@@ -540,7 +520,7 @@ def test_compiled_bf16_training_learns_what_the_eager_one_learns(tiny_llama_dir,
         speed.store_frozen_linears(model)
         if compiled:
             speed.compile_regions(model)
-        runs.append(_learning(model, bf16=True))
+        runs.append(learning_progress(model, bf16=True))
     eager, compiled = runs
     assert eager < -0.01
     assert abs(compiled - eager) < 0.2 * abs(eager), runs
