@@ -10,8 +10,9 @@ are that small: training learns less. One product rounds base and term together.
 
 Where the engine stored W0 in bf16 for one process (`give_spare_columns`), its rows carry r spare
 columns for c, written before each forward, so the product costs no copy; elsewhere a bf16/fp16
-product lays [W0 | c] out for the call (W0 is cast or copied there anyway), and fp32/float64 add
-the term inside the frozen product's buffer. z and c stay autograd tensors of the method's own
+product lays [W0 | c] out for the call (W0 is cast or copied there anyway; a bitsandbytes 4-bit
+W0 is dequantized into it, and again in backward, never kept), and fp32/float64 add the term
+inside the frozen product's buffer. z and c stay autograd tensors of the method's own
 code: this function gives them d z = g c and d c = gᵀ z, and x its frozen path g W0.
 """
 

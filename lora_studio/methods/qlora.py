@@ -10,7 +10,10 @@ top. The layer computes
     y = dequant(W_NF4) x + b + adapter(x)
 
 so the output equals the same adapter over the dequantized weight (tests check exactly
-that). The LM head and embeddings stay in full precision (transformers skips the output
+that). The methods' layers compute it as one product of the dequantized W0 and their term
+(`lowrank.frozen_plus_term`, in bitsandbytes' compute dtype; W0 dequantized again in backward,
+never kept): in bf16 compute, as on a GPU, the term is then not rounded away on bitsandbytes'
+bf16 output. The LM head and embeddings stay in full precision (transformers skips the output
 head). bitsandbytes implements NF4 for CPU too, slowly.
 
 One CPU detail: on CPUs with AVX512-BF16, bitsandbytes would repack the weights at the
