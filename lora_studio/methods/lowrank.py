@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lora_studio.methods.base import Conv1D
+
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -63,9 +65,9 @@ def dense_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def product_dtype(base: nn.Module, x: torch.Tensor, *adapter: torch.Tensor) -> torch.dtype | None:
     """The compute dtype of a one-product layer over `base`, or None where it cannot take that
-    path: a base that is neither a plain float nn.Linear nor a bitsandbytes 4-bit one (Conv1D, a
-    4-bit weight repacked for bitsandbytes' bf16 CPU kernel), one with trainable tensors (this
-    backward gives them no gradient), or mixed dtypes outside autocast."""
+    path: a base that is not a plain float nn.Linear, GPT-2's Conv1D or a bitsandbytes 4-bit
+    linear (nor a 4-bit weight repacked for bitsandbytes' bf16 CPU kernel), one with trainable
+    tensors (this backward gives them no gradient), or mixed dtypes outside autocast."""
     weight = getattr(base, "weight", None)
     four_bit = weight is not None and is_4bit(weight) and type(base).__name__ == "Linear4bit"
     if four_bit:
@@ -73,7 +75,7 @@ def product_dtype(base: nn.Module, x: torch.Tensor, *adapter: torch.Tensor) -> t
         if state is None or getattr(state, "packing_format_for_cpu", False):
             return None
         dense = base.compute_dtype or state.dtype
-    elif type(base) is nn.Linear and weight is not None and weight.is_floating_point():
+    elif (type(base) is nn.Linear or isinstance(base, Conv1D)) and weight is not None and weight.is_floating_point():
         dense = weight.dtype
     else:
         return None
@@ -97,8 +99,9 @@ def frozen_plus_term(base: nn.Linear, x: torch.Tensor, z: torch.Tensor, c: torch
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
         fix_4bit_weight_quant_state_from_module(base)  # (what Linear4bit.forward does first)
-    rows = wide_weight(base.weight, c.shape[1]) if base.weight.dtype == dtype else None  # (never 4-bit)
-    weight = base.weight if rows is None else rows
+    weight = base.weight.T if isinstance(base, Conv1D) else base.weight  # (d_out, d_in); GPT-2 stores Wᵀ
+    rows = wide_weight(weight, c.shape[1]) if weight.dtype == dtype else None  # (never 4-bit)
+    weight = weight if rows is None else rows
     return _FrozenPlusTerm.apply(x, weight, base.bias if bias else None, z, c, dtype, rows is not None)
 
 

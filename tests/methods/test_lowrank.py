@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import lora_studio.methods.lora as lora_module
 import lora_studio.methods.vera as vera_module
@@ -47,9 +48,15 @@ def test_frozen_plus_term_gives_the_equations_gradients(bias, spare):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def _layers() -> dict[str, nn.Module]:
+def _layers(kind: str = "linear") -> dict[str, nn.Module]:
     torch.manual_seed(0)
-    base = lambda: nn.Linear(12, 10).double().requires_grad_(False)  # noqa: E731
+
+    def base() -> nn.Module:
+        layer = nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)  # GPT-2's, weight (d_in, d_out)
+        if kind != "linear":
+            nn.init.normal_(layer.bias, std=0.2)
+        return layer.double().requires_grad_(False)
+
     layers = {
         "lora-dropout": LoRALinear(base(), rank=4, alpha=8.0, dropout=0.3),
         "lora-fa": LoRAFALinear(base(), rank=4, alpha=8.0),
@@ -71,13 +78,15 @@ def _run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("spare", [False, True], ids=["plain", "spare-columns"])
+@pytest.mark.parametrize("layout", ["plain", "spare-columns", "conv1d"])
 @pytest.mark.parametrize("name", list(_layers()))
-def test_each_layer_takes_one_product_equal_to_its_module_path(name, spare, monkeypatch):
+def test_each_layer_takes_one_product_equal_to_its_module_path(name, layout, monkeypatch):
     """The one-product path (base and term rounded once) computes what the module path
     (`AdapterLayer.adapt`: base output plus the term) computes, outputs and gradients, over two
-    steps that change every trained tensor (a stale spare column would show)."""
-    layer = _layers()[name].train()
+    steps that change every trained tensor (a stale spare column would show); over nn.Linear,
+    with and without spare columns, and over GPT-2's Conv1D."""
+    spare = layout == "spare-columns"
+    layer = _layers("conv1d" if layout == "conv1d" else "linear")[name].train()
     if spare:
         give_spare_columns(layer.base.weight, layer.spare_columns)
     x, g = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
