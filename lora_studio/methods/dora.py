@@ -12,9 +12,9 @@ W' is never applied to the tokens; with f = m / ‖V‖ (d_out numbers) the forw
 
 computed as f ⊙ ([x | z] [W0 | s·B]ᵀ) + b, z = x Aᵀ: base and LoRA term in one product,
 rounded once (`LoRALinear.product`), then f in fp32, so that under bf16 neither B's nor m's
-first small updates are rounded away. With dropout in training, or a base the product cannot
-take (4-bit), it is computed from the base output y0 = W0 x + b as peft does it (the W0 term
-then recomputed on the dropped-out input, again as peft). ‖V‖ needs the d_out × d_in
+first small updates are rounded away. With dropout in training (or a base the product cannot
+take), it is computed from the base output y0 = W0 x + b as peft does it (the W0 term then
+recomputed on the dropped-out input, again as peft). ‖V‖ needs the d_out × d_in
 matrix V once per forward, under no_grad (dequantized first on a 4-bit base).
 Merge: W ← f ⊙ (W0 + s·B A), bias unchanged. Trainable: A, B, m (d_out more than LoRA).
 

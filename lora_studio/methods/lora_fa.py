@@ -9,9 +9,9 @@ memory: with z = A x (r numbers per token)
 
 so backward needs z, A and B but never x. LoRA saves x (d_in per token) for ∂L/∂A; here only
 z is kept: by the one product of base and term (`lowrank.frozen_plus_term`, which saves z and
-s·B; z = x Aᵀ with A frozen keeps only A), or on the module path (a 4-bit base) by `_FrozenALoRA`. Dropout on the adapter input would need x (or a mask
-of its size), so LoRA-FA runs without it, as in the paper. Claimed: up to 1.4× less memory
-than LoRA at similar accuracy.
+s·B; z = x Aᵀ with A frozen keeps only A), or on the module path by `_FrozenALoRA`. Dropout on
+the adapter input would need x (or a mask of its size), so LoRA-FA runs without it, as in the
+paper. Claimed: up to 1.4× less memory than LoRA at similar accuracy.
 
 Optional (`--option projected_gradient=true`), as in peft's `create_lorafa_optimizer` (from
 the paper's later revision): before AdamW, B's gradient is replaced by

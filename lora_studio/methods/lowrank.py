@@ -89,7 +89,7 @@ def product_dtype(base: nn.Module, x: torch.Tensor, *adapter: torch.Tensor) -> t
     return x.dtype if dense == x.dtype and all(t.dtype == x.dtype for t in adapter) else None
 
 
-def frozen_plus_term(base: nn.Linear, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor, dtype: torch.dtype,
+def frozen_plus_term(base: nn.Module, x: torch.Tensor, z: torch.Tensor, c: torch.Tensor, dtype: torch.dtype,
                      bias: bool = True) -> torch.Tensor:
     """x W0ᵀ (+ b) + z cᵀ in `dtype`, rounded once: x (..., d_in), z (..., r), c (d_out, r) ->
     (..., d_out). W0's spare columns, if it has them, must hold c already (the layer's
@@ -117,17 +117,17 @@ class _FrozenPlusTerm(torch.autograd.Function):
             x2, z2 = x.reshape(-1, d_in), z.reshape(-1, rank).to(dtype)  # (N, d_in), (N, r)
             b = bias.to(dtype) if bias is not None else None
             c2 = c.to(dtype)  # (d_out, r)
-            w0 = dense_weight(weight)  # (a 4-bit W0 dequantized for this call, and again in backward)
             if wide or dtype in HALF:
                 w = weight
-                if not wide:  # [W0 | c] for this call
+                if not wide:  # [W0 | c] for this call (a 4-bit W0 dequantized into it; again in backward)
+                    w0 = dense_weight(weight)  # (d_out, d_in)
                     w = c2.new_empty(w0.shape[0], d_in + rank)  # (d_out, d_in + r)
                     w[:, :d_in], w[:, d_in:] = w0, c2
                 xz = x2.new_empty(x2.shape[0], d_in + rank, dtype=dtype)  # (N, d_in + r) = [x | z]
                 xz[:, :d_in], xz[:, d_in:] = x2, z2
                 y = xz @ w.T if b is None else torch.addmm(b, xz, w.T)  # (N, d_out)
             else:
-                x2, w = x2.to(dtype), w0.to(dtype)
+                x2, w = x2.to(dtype), dense_weight(weight).to(dtype)
                 y = x2 @ w.T if b is None else torch.addmm(b, x2, w.T)  # (N, d_out)
                 y.addmm_(z2, c2.T)
         # A 4-bit W0 is kept as it is (a parameter), never its dequantized copy: QLoRA's memory.
