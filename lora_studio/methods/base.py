@@ -43,17 +43,29 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     return module.in_features, module.out_features, False
 
 
+def is_4bit(weight: torch.Tensor) -> bool:
+    """Whether `weight` is a bitsandbytes NF4 parameter (its data: packed codes, not numbers)."""
+    return weight.__class__.__name__ == "Params4bit"
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as numbers: a 4-bit one dequantized (in the dtype it was quantized from), else itself."""
+    if not is_4bit(weight):
+        return weight
+    import bitsandbytes.functional as bnbf
+
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacked it for its bf16 CPU kernel (absmax rounded to bf16): the
+        # NF4 codes can no longer be read back as they were. inject_adapters turns that off.
+        raise RuntimeError("this 4-bit weight was repacked for bf16 CPU inference; reload the model")
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
     """The base weight as (d_out, d_in) in a float dtype, dequantized if stored in 4 bit."""
     weight = module.weight
-    if weight.__class__.__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes repacked it for its bf16 CPU kernel (absmax rounded to bf16): the
-            # NF4 codes can no longer be read back as they were. inject_adapters turns that off.
-            raise RuntimeError("this 4-bit weight was repacked for bf16 CPU inference; reload the model")
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    if is_4bit(weight):
+        return dense_weight(weight)
     return weight.T if isinstance(module, Conv1D) else weight
 
 
@@ -384,7 +396,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
+        if is_4bit(p):
             n = p.quant_state.shape.numel() if p.quant_state is not None else n * 2
         total += n
         if p.requires_grad:

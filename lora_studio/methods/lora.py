@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_studio.methods.base import AdapterLayer, Method, base_weight
-from lora_studio.methods.lowrank import frozen_plus_term, product_dtype, wide_weight
+from lora_studio.methods.lowrank import HALF, frozen_plus_term, product_dtype, rows_for_call, wide_weight
 
 
 def lora_scaling(alpha: float, rank: int, use_rslora: bool = False) -> float:
@@ -64,9 +64,8 @@ class _LoRAProduct(torch.autograd.Function):
                 x2 = x2.to(dtype)  # (N, d_in)
                 sb = (lora_B * scaling).to(dtype)  # (d_out, r)
                 z = x2 @ a.T  # (N, r)
-                if dtype in (torch.bfloat16, torch.float16):  # [W0 | s·B] for this call: one rounding
-                    w = weight.new_empty(weight.shape[0], d_in + rank, dtype=dtype)  # (d_out, d_in + r)
-                    w[:, :d_in], w[:, d_in:] = weight, sb  # (W0 is cast or copied here anyway)
+                if dtype in HALF:  # [W0 | s·B] for this call: one rounding
+                    w = rows_for_call(weight, sb)  # (d_out, d_in + r)
                     xz = torch.cat([x2, z], 1)  # (N, d_in + r)
                     y = xz @ w.T if b is None else torch.addmm(b, xz, w.T)  # (N, d_out)
                 else:

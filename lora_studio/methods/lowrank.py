@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lora_studio.methods.base import Conv1D
+from lora_studio.methods.base import Conv1D, dense_weight, is_4bit
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -50,17 +50,12 @@ def give_spare_columns(weight: nn.Parameter, rank: int, dtype: torch.dtype | Non
     weight.spare_rows = rows
 
 
-def is_4bit(weight: torch.Tensor) -> bool:
-    return weight.__class__.__name__ == "Params4bit"
-
-
-def dense_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W0 (d_out, d_in) as numbers: a bitsandbytes NF4 weight dequantized (in its compute dtype)."""
-    if not is_4bit(weight):
-        return weight
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+def rows_for_call(w0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """[W0 | c] (d_out, d_in + r) in c's dtype, laid out for one call where W0 has no spare
+    columns (W0 is cast, copied or dequantized here anyway)."""
+    rows = c.new_empty(w0.shape[0], w0.shape[1] + c.shape[1])  # (d_out, d_in + r)
+    rows[:, : w0.shape[1]], rows[:, w0.shape[1] :] = w0, c
+    return rows
 
 
 def product_dtype(base: nn.Module, x: torch.Tensor, *adapter: torch.Tensor) -> torch.dtype | None:
@@ -94,11 +89,8 @@ def frozen_plus_term(base: nn.Module, x: torch.Tensor, z: torch.Tensor, c: torch
     """x W0ᵀ (+ b) + z cᵀ in `dtype`, rounded once: x (..., d_in), z (..., r), c (d_out, r) ->
     (..., d_out). W0's spare columns, if it has them, must hold c already (the layer's
     `write_spare_columns`, or the compiled model's hook). A bitsandbytes 4-bit W0 is dequantized
-    for the call, as bitsandbytes does itself."""
-    if is_4bit(base.weight):
-        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
-
-        fix_4bit_weight_quant_state_from_module(base)  # (what Linear4bit.forward does first)
+    for the call, as bitsandbytes does itself (`product_dtype` sent a 4-bit layer without its
+    quant state to the module path, where bitsandbytes restores it)."""
     weight = base.weight.T if isinstance(base, Conv1D) else base.weight  # (d_out, d_in); GPT-2 stores Wᵀ
     rows = wide_weight(weight, c.shape[1]) if weight.dtype == dtype else None  # (never 4-bit)
     weight = weight if rows is None else rows
@@ -118,11 +110,8 @@ class _FrozenPlusTerm(torch.autograd.Function):
             b = bias.to(dtype) if bias is not None else None
             c2 = c.to(dtype)  # (d_out, r)
             if wide or dtype in HALF:
-                w = weight
-                if not wide:  # [W0 | c] for this call (a 4-bit W0 dequantized into it; again in backward)
-                    w0 = dense_weight(weight)  # (d_out, d_in)
-                    w = c2.new_empty(w0.shape[0], d_in + rank)  # (d_out, d_in + r)
-                    w[:, :d_in], w[:, d_in:] = w0, c2
+                # (d_out, d_in + r); a 4-bit W0 is dequantized for the call, and again in backward
+                w = weight if wide else rows_for_call(dense_weight(weight), c2)
                 xz = x2.new_empty(x2.shape[0], d_in + rank, dtype=dtype)  # (N, d_in + r) = [x | z]
                 xz[:, :d_in], xz[:, d_in:] = x2, z2
                 y = xz @ w.T if b is None else torch.addmm(b, xz, w.T)  # (N, d_out)

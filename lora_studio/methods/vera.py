@@ -79,11 +79,11 @@ class VeRALinear(AdapterLayer):
         return self.shared.vera_A[:, : self.in_features], self.shared.vera_B[: self.out_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.sliced()
         # (not A, B: the frozen shared pair may stay fp32 where FSDP computes the layers in bf16)
         dtype = None if self.disabled else product_dtype(self.base, x, self.vera_lambda_d, self.vera_lambda_b)
         if dtype is None:
             return super().forward(x)
+        a, b = self.sliced()
         # The term z cᵀ with z = λ_d ⊙ x Aᵀ, c = λ_b ⊙ B, rounded once with the base product
         # (`lowrank`): added to a bf16 output, λ_b's first small updates were lost.
         self.write_spare_columns()
