@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -104,5 +105,7 @@ def kill_run_processes(runs_dir: Path) -> None:
     """SIGKILL every training process a test left running under `runs_dir` (by recorded pid)."""
     for run_dir in (d for d in runs_dir.glob("*") if d.is_dir()):
         for pid, started in run_pids(run_dir):
+            # The process may end between the check and the kill: that is what we wanted anyway.
             if pid_alive(pid, started):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)

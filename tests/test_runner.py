@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from lora_studio import runfiles as rf
-from lora_studio.runner import SUPERVISOR, Runner, pid_alive
+from lora_studio.runner import Runner
 from tests.conftest import format_rows, write_jsonl
-from tests.helpers import fake_checkpoints, wait_for
+from tests.helpers import fake_checkpoints, kill_run_processes, wait_for
 
 
 @pytest.fixture
@@ -23,12 +23,7 @@ def runs(tmp_path):
     """A runs folder; every process a test left behind is killed (by its recorded pid) at the end."""
     root = tmp_path / "runs"
     yield root
-    for run_dir in (d for d in root.glob("*") if d.is_dir()):
-        sup = rf.read_json(run_dir / SUPERVISOR)
-        for pid, started in ((sup.get("pid"), sup.get("pid_started")), (sup.get("worker_pid"), sup.get("worker_started")),
-                             (rf.read_status(run_dir).get("pid"), rf.read_status(run_dir).get("pid_started"))):
-            if pid_alive(pid, started):
-                os.kill(pid, signal.SIGKILL)
+    kill_run_processes(root)
 
 
 def config(model_dir: str, data: Path, **kw) -> dict:

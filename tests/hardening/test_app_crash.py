@@ -29,7 +29,7 @@ from lora_studio.config import TrainConfig
 from lora_studio.runner import SUPERVISOR, pid_alive
 from lora_studio.engine.run import train
 from tests.soak import EXAMPLE, train_settings, wait_status
-from tests.helpers import fake_checkpoints, run_pids
+from tests.helpers import fake_checkpoints, kill_run_processes, run_pids
 from tests.ui.conftest import LaunchedApp, launch_app, stop_app
 
 
@@ -44,10 +44,7 @@ def runs(tmp_path):
     for app in apps:
         if app.process.poll() is None:
             stop_app(app)
-    for run_dir in (d for d in root.glob("*") if d.is_dir()):
-        for pid, started in run_pids(run_dir):
-            if pid_alive(pid, started):
-                os.kill(pid, signal.SIGKILL)
+    kill_run_processes(root)
 
 
 def launch(runs, model: str, name: str) -> LaunchedApp:
